@@ -1,0 +1,280 @@
+//! The one error type every keel policy returns, and configuration errors.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A boxed error, as tower middleware passes errors around.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The error of a service inside a keel tower layer, boxed.
+///
+/// keel's layers return `Error<ServiceError>`: keel's own variants stay
+/// typed, the inner service's error is here. Downcast it to the concrete
+/// type with [`downcast_ref`](Self::downcast_ref).
+#[derive(Debug)]
+pub struct ServiceError(BoxError);
+
+impl ServiceError {
+    /// Boxes `e`.
+    pub fn new(e: impl Into<BoxError>) -> Self {
+        ServiceError(e.into())
+    }
+
+    /// The inner service's error as `T`, if it is one.
+    pub fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+
+    /// The boxed error.
+    pub fn into_inner(self) -> BoxError {
+        self.0
+    }
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ServiceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Why a call through keel did not produce the operation's value.
+///
+/// `E` is the error of the protected operation. Every rejection says why and,
+/// where keel knows, when to try again.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error<E> {
+    /// The operation ran and failed with its own error.
+    Inner(E),
+    /// A circuit breaker is not letting calls through.
+    CircuitOpen {
+        /// How long until the breaker may admit a call again.
+        retry_after: Duration,
+    },
+    /// The call took longer than its timeout and was cancelled.
+    Timeout {
+        /// How long keel waited before giving up.
+        after: Duration,
+    },
+    /// Retry stopped: attempts, time budget or retry budget ran out.
+    RetriesExhausted {
+        /// How many attempts were made (the first call included).
+        attempts: u32,
+        /// The error of the last attempt.
+        last: Box<Error<E>>,
+    },
+}
+
+impl<E> Error<E> {
+    /// The operation's own error, if that is what this is.
+    pub fn inner(&self) -> Option<&E> {
+        match self {
+            Error::Inner(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Consumes the error, returning the operation's own error, if any.
+    pub fn into_inner(self) -> Option<E> {
+        match self {
+            Error::Inner(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// When keel advises trying again, if it knows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::CircuitOpen { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// True when keel rejected the call without running the operation.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, Error::CircuitOpen { .. })
+    }
+
+    /// Maps the operation's error, keeping keel's own variants.
+    pub fn map_inner<F, G: FnOnce(E) -> F>(self, f: G) -> Error<F> {
+        match self {
+            Error::Inner(e) => Error::Inner(f(e)),
+            Error::CircuitOpen { retry_after } => Error::CircuitOpen { retry_after },
+            Error::Timeout { after } => Error::Timeout { after },
+            Error::RetriesExhausted { attempts, last } => Error::RetriesExhausted {
+                attempts,
+                last: Box::new(last.map_inner(f)),
+            },
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for Error<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Inner(e) => e.fmt(f),
+            Error::CircuitOpen { retry_after } => write!(
+                f,
+                "circuit breaker is open: calls are rejected to let the dependency recover; retry after {retry_after:?}"
+            ),
+            Error::Timeout { after } => {
+                write!(f, "timed out after {after:?}; the call was cancelled")
+            }
+            Error::RetriesExhausted { attempts, last } => {
+                write!(f, "gave up after {attempts} attempt(s); last error: {last}")
+            }
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for Error<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Inner(e) => Some(e),
+            Error::RetriesExhausted { last, .. } => Some(&**last),
+            _ => None,
+        }
+    }
+}
+
+impl<E> From<crate::circuit_breaker::Rejected> for Error<E> {
+    fn from(r: crate::circuit_breaker::Rejected) -> Self {
+        Error::CircuitOpen {
+            retry_after: r.retry_after,
+        }
+    }
+}
+
+/// Turns a tower service's error into keel's error, flattening one that is
+/// already keel's (a keel layer inside another).
+#[cfg(feature = "tower")]
+pub(crate) fn lift_boxed(e: impl Into<BoxError>) -> Error<ServiceError> {
+    match e.into().downcast::<Error<ServiceError>>() {
+        Ok(keel) => *keel,
+        Err(other) => match other.downcast::<ServiceError>() {
+            Ok(inner) => Error::Inner(*inner),
+            Err(other) => Error::Inner(ServiceError(other)),
+        },
+    }
+}
+
+/// A policy's configuration was invalid. Names the field and the reason.
+///
+/// ```
+/// use keel::circuit_breaker::CircuitBreaker;
+/// let err = CircuitBreaker::builder("payment")
+///     .failure_rate_threshold(1.5)
+///     .build()
+///     .unwrap_err();
+/// assert_eq!(err.field(), "failure_rate_threshold");
+/// assert_eq!(
+///     err.to_string(),
+///     "failure_rate_threshold: must be a fraction in (0, 1], got 1.5"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: String,
+    reason: String,
+}
+
+impl ConfigError {
+    /// An error about `field`, for `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The path of the offending field, e.g. `retry.max_attempts`.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Prefixes the field path, for configurations nested in others
+    /// (`routes[0].retry` + `max_attempts`).
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = format!("{parent}.{}", self.field);
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Checks that `v` is a fraction in (0, 1].
+pub(crate) fn check_fraction(field: &str, v: f64) -> Result<(), ConfigError> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("must be a fraction in (0, 1], got {v}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Boom;
+    impl fmt::Display for Boom {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("boom")
+        }
+    }
+    impl std::error::Error for Boom {}
+
+    #[test]
+    fn messages_say_what_and_when() {
+        let e: Error<Boom> = Error::CircuitOpen {
+            retry_after: Duration::from_secs(3),
+        };
+        assert!(e.to_string().contains("circuit breaker is open"));
+        assert!(e.to_string().contains("retry after 3s"));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+
+        let e: Error<Boom> = Error::Timeout {
+            after: Duration::from_millis(250),
+        };
+        assert_eq!(e.to_string(), "timed out after 250ms; the call was cancelled");
+    }
+
+    #[test]
+    fn sources_chain_to_the_operation_error() {
+        use std::error::Error as _;
+        let e: Error<Boom> = Error::RetriesExhausted {
+            attempts: 3,
+            last: Box::new(Error::Inner(Boom)),
+        };
+        assert_eq!(e.to_string(), "gave up after 3 attempt(s); last error: boom");
+        let last = e.source().unwrap();
+        assert_eq!(last.to_string(), "boom");
+        assert_eq!(last.source().unwrap().to_string(), "boom");
+    }
+
+    #[test]
+    fn config_error_nests_field_paths() {
+        let e = ConfigError::new("max_attempts", "must be at least 1").within("routes[0].retry");
+        assert_eq!(e.to_string(), "routes[0].retry.max_attempts: must be at least 1");
+    }
+}

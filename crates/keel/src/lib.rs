@@ -1,0 +1,63 @@
+//! # keel
+//!
+//! Fault-tolerance policies for services that call other services: circuit
+//! breaker, retry (backoff, jitter, budgets, `Retry-After`) and timeout, as
+//! synchronous primitives, as an async [`Pipeline`] and as `tower` layers.
+//!
+//! ```
+//! use keel::{circuit_breaker::CircuitBreaker, retry::Retry, Pipeline};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let payment = CircuitBreaker::builder("payment").build()?;
+//! let pipeline = Pipeline::builder()
+//!     .timeout(Duration::from_secs(5))
+//!     .retry(Retry::builder().max_attempts(3).build()?)
+//!     .circuit_breaker(payment.clone())
+//!     .timeout(Duration::from_secs(1))
+//!     .build();
+//!
+//! let receipt = pipeline
+//!     .call(|| async { Ok::<_, std::io::Error>("charged") })
+//!     .await?;
+//! assert_eq!(receipt, "charged");
+//! assert_eq!(payment.metrics().successful_calls, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! | module | what |
+//! |---|---|
+//! | [`circuit_breaker`] | count and time windows, slow calls, half-open probes, consecutive-failure mode |
+//! | [`retry`] | backoff, jitter, time budget, shared retry budget, server hints |
+//! | [`timeout`] | fixed timeout that cancels the call |
+//! | [`pipeline`] | composes the policies around a closure |
+//! | [`classify`] | one classifier for every policy |
+//! | [`clock`] | injected time: monotonic, manual, tokio |
+//!
+//! | feature | default | enables |
+//! |---|---|---|
+//! | `tower` | yes | a `Layer` and `Service` for each policy |
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+
+pub mod circuit_breaker;
+pub mod classify;
+pub mod clock;
+mod error;
+pub mod events;
+pub mod pipeline;
+pub mod retry;
+mod sync;
+pub mod timeout;
+mod window;
+
+pub use error::{BoxError, ConfigError, Error, ServiceError};
+pub use pipeline::Pipeline;

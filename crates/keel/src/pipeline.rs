@@ -1,0 +1,235 @@
+//! Compose policies around a closure call.
+//!
+//! ```
+//! use keel::{circuit_breaker::CircuitBreaker, retry::{Backoff, Jitter, Retry}, Pipeline};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let breaker = CircuitBreaker::builder("inventory").build()?;
+//! let pipeline = Pipeline::builder()
+//!     .timeout(Duration::from_secs(2))           // total, retries included
+//!     .retry(Retry::builder().max_attempts(3).build()?)
+//!     .circuit_breaker(breaker.clone())          // every attempt is counted
+//!     .timeout(Duration::from_millis(500))       // per attempt
+//!     .build();
+//!
+//! let stock: Result<u32, keel::Error<std::io::Error>> =
+//!     pipeline.call(|| async { Ok(7) }).await;
+//! assert_eq!(stock?, 7);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Steps wrap in the order they are added, outermost first, as
+//! `tower::ServiceBuilder` layers do. The recommended order is the one above:
+//! a total timeout outside retry bounds what the caller waits, retries
+//! included; the breaker inside retry sees (and counts) every attempt and
+//! rejects retries at once while open; a per-attempt timeout innermost makes a
+//! hung attempt a failure that the breaker records and retry may try again.
+//!
+//! One classifier (set with [`PipelineBuilder::classifier`]) decides for every
+//! step what a result means.
+
+use std::future::Future;
+
+use crate::circuit_breaker::CircuitBreaker;
+use crate::classify::{classify_lifted, Classify, DefaultClassifier};
+use crate::retry::Retry;
+use crate::timeout::Timeout;
+use crate::Error;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A policy that can be a step of a [`Pipeline`]. Implemented by keel's
+/// policies; sealed.
+pub trait Step: sealed::Sealed {
+    /// Runs `op` under this step. `op` may be called more than once (retry).
+    #[doc(hidden)]
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        classifier: &'a C,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a;
+}
+
+/// The empty pipeline: calls the operation directly.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Identity;
+
+/// `Outer` wrapped around `Inner`.
+#[derive(Debug, Clone)]
+pub struct Stack<Outer, Inner> {
+    outer: Outer,
+    inner: Inner,
+}
+
+impl sealed::Sealed for Identity {}
+impl Step for Identity {
+    fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        op()
+    }
+}
+
+impl<O: Step, I: Step> sealed::Sealed for Stack<O, I> {}
+impl<O: Step, I: Step> Step for Stack<O, I> {
+    async fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        let inner = &self.inner;
+        let op = &op;
+        self.outer
+            .run(classifier, move || inner.run(classifier, op))
+            .await
+    }
+}
+
+impl sealed::Sealed for Timeout {}
+impl Step for Timeout {
+    fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        Timeout::run(self, op)
+    }
+}
+
+impl sealed::Sealed for Retry {}
+impl Step for Retry {
+    fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        Retry::run(self, classifier, op)
+    }
+}
+
+impl sealed::Sealed for CircuitBreaker {}
+impl Step for CircuitBreaker {
+    async fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        let permit = self.try_acquire()?;
+        let (verdict, result) = classify_lifted(classifier, op().await);
+        permit.record(verdict.outcome);
+        result
+    }
+}
+
+/// Policies composed around closure calls. Build with [`Pipeline::builder`].
+#[derive(Debug, Clone)]
+pub struct Pipeline<S = Identity, C = DefaultClassifier> {
+    steps: S,
+    classifier: C,
+}
+
+/// Builds a [`Pipeline`], outermost step first.
+#[derive(Debug, Clone)]
+pub struct PipelineBuilder<S, C> {
+    steps: S,
+    classifier: C,
+}
+
+impl Pipeline<Identity, DefaultClassifier> {
+    /// An empty pipeline with the default classifier.
+    pub fn builder() -> PipelineBuilder<Identity, DefaultClassifier> {
+        PipelineBuilder {
+            steps: Identity,
+            classifier: DefaultClassifier,
+        }
+    }
+}
+
+impl<S, C> PipelineBuilder<S, C> {
+    fn push<P>(self, step: P) -> PipelineBuilder<Stack<S, P>, C> {
+        PipelineBuilder {
+            steps: Stack {
+                outer: self.steps,
+                inner: step,
+            },
+            classifier: self.classifier,
+        }
+    }
+
+    /// Adds a timeout (a `Duration` or a [`Timeout`]).
+    pub fn timeout(self, timeout: impl Into<Timeout>) -> PipelineBuilder<Stack<S, Timeout>, C> {
+        self.push(timeout.into())
+    }
+
+    /// Adds a retry policy.
+    pub fn retry(self, retry: Retry) -> PipelineBuilder<Stack<S, Retry>, C> {
+        self.push(retry)
+    }
+
+    /// Adds a circuit breaker (a handle: other users of the same breaker see
+    /// this pipeline's calls).
+    pub fn circuit_breaker(self, breaker: CircuitBreaker) -> PipelineBuilder<Stack<S, CircuitBreaker>, C> {
+        self.push(breaker)
+    }
+
+    /// Sets the classifier every step uses (default: `Ok` succeeds, `Err`
+    /// fails and is retryable).
+    pub fn classifier<C2>(self, classifier: C2) -> PipelineBuilder<S, C2> {
+        PipelineBuilder {
+            steps: self.steps,
+            classifier,
+        }
+    }
+
+    /// The pipeline.
+    pub fn build(self) -> Pipeline<S, C> {
+        Pipeline {
+            steps: self.steps,
+            classifier: self.classifier,
+        }
+    }
+}
+
+impl<S: Step, C> Pipeline<S, C> {
+    /// Runs `op` through every step. `op` is called once per attempt.
+    pub async fn call<T, E, F, Fut>(&self, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E>,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let lifted = || {
+            let fut = op();
+            async move { fut.await.map_err(Error::Inner) }
+        };
+        self.steps.run(&self.classifier, lifted).await
+    }
+}
