@@ -190,7 +190,10 @@ mod tests {
     fn default_classifier_treats_err_as_retryable_failure() {
         let c = DefaultClassifier;
         assert_eq!(Classify::<u8, ()>::classify(&c, &Ok(1)), Verdict::success());
-        assert_eq!(Classify::<u8, ()>::classify(&c, &Err(())), Verdict::failure());
+        assert_eq!(
+            Classify::<u8, ()>::classify(&c, &Err(())),
+            Verdict::failure()
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl std::error::Error for ServiceError {
 ///
 /// `E` is the error of the protected operation. Every rejection says why and,
 /// where keel knows, when to try again.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error<E> {
     /// The operation ran and failed with its own error.
@@ -127,7 +127,8 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 write!(f, "timed out after {after:?}; the call was cancelled")
             }
             Error::RetriesExhausted { attempts, last } => {
-                write!(f, "gave up after {attempts} attempt(s); last error: {last}")
+                let noun = if *attempts == 1 { "attempt" } else { "attempts" };
+                write!(f, "gave up after {attempts} {noun}; last error: {last}")
             }
         }
     }
@@ -256,7 +257,10 @@ mod tests {
         let e: Error<Boom> = Error::Timeout {
             after: Duration::from_millis(250),
         };
-        assert_eq!(e.to_string(), "timed out after 250ms; the call was cancelled");
+        assert_eq!(
+            e.to_string(),
+            "timed out after 250ms; the call was cancelled"
+        );
     }
 
     #[test]
@@ -266,7 +270,7 @@ mod tests {
             attempts: 3,
             last: Box::new(Error::Inner(Boom)),
         };
-        assert_eq!(e.to_string(), "gave up after 3 attempt(s); last error: boom");
+        assert_eq!(e.to_string(), "gave up after 3 attempts; last error: boom");
         let last = e.source().unwrap();
         assert_eq!(last.to_string(), "boom");
         assert_eq!(last.source().unwrap().to_string(), "boom");
@@ -275,6 +279,9 @@ mod tests {
     #[test]
     fn config_error_nests_field_paths() {
         let e = ConfigError::new("max_attempts", "must be at least 1").within("routes[0].retry");
-        assert_eq!(e.to_string(), "routes[0].retry.max_attempts: must be at least 1");
+        assert_eq!(
+            e.to_string(),
+            "routes[0].retry.max_attempts: must be at least 1"
+        );
     }
 }

@@ -74,7 +74,11 @@ pub struct Stack<Outer, Inner> {
 
 impl sealed::Sealed for Identity {}
 impl Step for Identity {
-    fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        _: &'a C,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -106,7 +110,11 @@ impl<O: Step, I: Step> Step for Stack<O, I> {
 
 impl sealed::Sealed for Timeout {}
 impl Step for Timeout {
-    fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        _: &'a C,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -120,7 +128,11 @@ impl Step for Timeout {
 
 impl sealed::Sealed for Retry {}
 impl Step for Retry {
-    fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        classifier: &'a C,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -196,7 +208,10 @@ impl<S, C> PipelineBuilder<S, C> {
 
     /// Adds a circuit breaker (a handle: other users of the same breaker see
     /// this pipeline's calls).
-    pub fn circuit_breaker(self, breaker: CircuitBreaker) -> PipelineBuilder<Stack<S, CircuitBreaker>, C> {
+    pub fn circuit_breaker(
+        self,
+        breaker: CircuitBreaker,
+    ) -> PipelineBuilder<Stack<S, CircuitBreaker>, C> {
         self.push(breaker)
     }
 

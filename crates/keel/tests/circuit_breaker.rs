@@ -80,7 +80,10 @@ fn transitions(cb: &CircuitBreaker) -> Arc<Mutex<Vec<(State, State)>>> {
 #[test]
 fn defaults_are_resilience4j_s() {
     let clock = ManualClock::new();
-    let cb = CircuitBreaker::builder("d").clock(clock.clone()).build().unwrap();
+    let cb = CircuitBreaker::builder("d")
+        .clock(clock.clone())
+        .build()
+        .unwrap();
     // 99 failures: below minimum_calls (100), no rate yet.
     for _ in 0..99 {
         cb.try_acquire().unwrap().failure();
@@ -463,18 +466,54 @@ fn clones_and_owned_permits_share_one_breaker() {
 #[test]
 fn invalid_configuration_names_the_field() {
     let cases: Vec<(keel::circuit_breaker::Builder, &str)> = vec![
-        (CircuitBreaker::builder("x").failure_rate_threshold(0.0), "failure_rate_threshold"),
-        (CircuitBreaker::builder("x").failure_rate_threshold(f64::NAN), "failure_rate_threshold"),
-        (CircuitBreaker::builder("x").slow_call_rate_threshold(2.0), "slow_call_rate_threshold"),
-        (CircuitBreaker::builder("x").window(Window::Count(0)), "window"),
-        (CircuitBreaker::builder("x").window(Window::Time(Duration::from_millis(500))), "window"),
-        (CircuitBreaker::builder("x").minimum_calls(0), "minimum_calls"),
-        (CircuitBreaker::builder("x").wait_in_open(Duration::ZERO), "wait_in_open"),
-        (CircuitBreaker::builder("x").half_open_max_calls(0), "half_open_max_calls"),
-        (CircuitBreaker::builder("x").half_open_max_calls(5000), "half_open_max_calls"),
-        (CircuitBreaker::builder("x").open_backoff(0.5, 100 * SEC), "open_backoff.multiplier"),
-        (CircuitBreaker::builder("x").open_backoff(2.0, SEC), "open_backoff.max"),
-        (CircuitBreaker::builder("x").consecutive_failures(0), "consecutive_failures"),
+        (
+            CircuitBreaker::builder("x").failure_rate_threshold(0.0),
+            "failure_rate_threshold",
+        ),
+        (
+            CircuitBreaker::builder("x").failure_rate_threshold(f64::NAN),
+            "failure_rate_threshold",
+        ),
+        (
+            CircuitBreaker::builder("x").slow_call_rate_threshold(2.0),
+            "slow_call_rate_threshold",
+        ),
+        (
+            CircuitBreaker::builder("x").window(Window::Count(0)),
+            "window",
+        ),
+        (
+            CircuitBreaker::builder("x").window(Window::Time(Duration::from_millis(500))),
+            "window",
+        ),
+        (
+            CircuitBreaker::builder("x").minimum_calls(0),
+            "minimum_calls",
+        ),
+        (
+            CircuitBreaker::builder("x").wait_in_open(Duration::ZERO),
+            "wait_in_open",
+        ),
+        (
+            CircuitBreaker::builder("x").half_open_max_calls(0),
+            "half_open_max_calls",
+        ),
+        (
+            CircuitBreaker::builder("x").half_open_max_calls(5000),
+            "half_open_max_calls",
+        ),
+        (
+            CircuitBreaker::builder("x").open_backoff(0.5, 100 * SEC),
+            "open_backoff.multiplier",
+        ),
+        (
+            CircuitBreaker::builder("x").open_backoff(2.0, SEC),
+            "open_backoff.max",
+        ),
+        (
+            CircuitBreaker::builder("x").consecutive_failures(0),
+            "consecutive_failures",
+        ),
     ];
     for (builder, field) in cases {
         let err = builder.build().unwrap_err();

@@ -581,7 +581,11 @@ impl CircuitBreaker {
     }
 
     /// Like [`call`](Self::call), with a classifier deciding the outcome.
-    pub async fn call_classified<T, E, C, F, Fut>(&self, classifier: &C, op: F) -> Result<T, Error<E>>
+    pub async fn call_classified<T, E, C, F, Fut>(
+        &self,
+        classifier: &C,
+        op: F,
+    ) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: FnOnce() -> Fut,
@@ -766,16 +770,23 @@ impl Shared {
         if word & STATE_MASK != CLOSED || epoch_of(word) != epoch_of(seen) {
             return;
         }
-        self.open(&mut opens, word, 0);
+        // Only transitions (under the lock) change a Closed word: a store is enough.
+        let open = self.open_word(*opens, word, 0);
+        self.state.store(open, Ordering::Release);
+        *opens = opens.saturating_add(1);
         drop(opens);
         self.announce(State::Closed, State::Open);
     }
 
-    /// Stores the Open word after `word`, keeping `probe_fields` as metrics.
-    fn open(&self, opens: &mut u32, word: u64, probe_fields: u64) {
+    /// Prepares the Open word after `word`, keeping `probe_fields` as metrics:
+    /// stores when the wait ends (readers load it after seeing Open) and
+    /// returns the word for the caller to publish. `opens` is the number of
+    /// opens since the breaker last closed (for `open_backoff`). Callers hold
+    /// the transition lock.
+    fn open_word(&self, opens: u32, word: u64, probe_fields: u64) -> u64 {
         let wait = match self.config.open_backoff {
             Some((multiplier, max)) => {
-                let factor = multiplier.powi((*opens).min(1024) as i32);
+                let factor = multiplier.powi(opens.min(1024) as i32);
                 let secs = self.config.wait_in_open.as_secs_f64() * factor;
                 if secs.is_finite() && secs < max.as_secs_f64() {
                     Duration::from_secs_f64(secs)
@@ -785,11 +796,9 @@ impl Shared {
             }
             None => self.config.wait_in_open,
         };
-        *opens = opens.saturating_add(1);
         let until = self.clock.now_nanos().saturating_add(duration_nanos(wait));
         self.open_until.store(until, Ordering::Release);
-        self.state
-            .store(next_word(word, OPEN) | probe_fields, Ordering::Release);
+        next_word(word, OPEN) | probe_fields
     }
 
     fn record_probe(&self, ticket: Ticket, outcome: Outcome) {
@@ -824,38 +833,66 @@ impl Shared {
                 Err(actual) => word = actual,
             }
         }
-        let recorded = field(word, RECORDED);
-        let max = self.config.half_open_max;
-        match (outcome, self.config.trip) {
-            (Outcome::Ignore, _) => {}
-            (Outcome::Failure, Trip::Consecutive(_)) => self.end_probing(word, false),
-            (_, Trip::Consecutive(_)) if recorded >= max => self.end_probing(word, true),
-            (_, Trip::Rate) if recorded >= max => {
-                let counts = probe_counts(word);
-                self.end_probing(word, !self.config.rates_reached(counts, max));
-            }
-            _ => {}
+        if outcome != Outcome::Ignore && self.probes_decide(word) {
+            self.settle_probes(ticket.epoch);
         }
     }
 
+    /// Whether the probes recorded in `word` decide the half-open round: in
+    /// consecutive-failures mode any failure does; otherwise all
+    /// `half_open_max_calls` outcomes must be in.
+    fn probes_decide(&self, word: u64) -> bool {
+        let c = probe_counts(word);
+        c.calls >= self.config.half_open_max
+            || (c.failed > 0 && matches!(self.config.trip, Trip::Consecutive(_)))
+    }
+
+    /// Ends the half-open round of `epoch` if its recorded probes decide it.
+    ///
+    /// Probes are admitted and recorded with compare-and-swap outside the
+    /// lock, so the decision is taken from the word that is replaced, in a
+    /// compare-and-swap loop: an outcome that lands meanwhile is part of it.
     #[cold]
-    fn end_probing(&self, seen: u64, healthy: bool) {
+    fn settle_probes(&self, epoch: u64) {
         let mut opens = lock(&self.opens_since_close);
-        let word = self.state.load(Ordering::Acquire);
-        if word & STATE_MASK != HALF_OPEN || epoch_of(word) != epoch_of(seen) {
-            return;
-        }
+        let mut word = self.state.load(Ordering::Acquire);
+        let healthy = loop {
+            if word & STATE_MASK != HALF_OPEN
+                || epoch_of(word) != epoch
+                || !self.probes_decide(word)
+            {
+                return;
+            }
+            let counts = probe_counts(word);
+            let healthy = match self.config.trip {
+                Trip::Consecutive(_) => counts.failed == 0,
+                Trip::Rate => !self.config.rates_reached(counts, self.config.half_open_max),
+            };
+            let next = if healthy {
+                next_word(word, CLOSED)
+            } else {
+                let fields = word
+                    & ((FIELD << RECORDED) | (FIELD << FAILED_PROBES) | (FIELD << SLOW_PROBES));
+                self.open_word(*opens, word, fields | PROBE_METRICS)
+            };
+            if healthy {
+                // No Closed outcome is recorded while HalfOpen (permits carry
+                // their epoch), so the window can be emptied before publishing.
+                self.clear();
+            }
+            match self
+                .state
+                .compare_exchange(word, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break healthy,
+                Err(actual) => word = actual,
+            }
+        };
+        *opens = if healthy { 0 } else { opens.saturating_add(1) };
+        drop(opens);
         if healthy {
-            *opens = 0;
-            self.clear();
-            self.state
-                .store(next_word(word, CLOSED), Ordering::Release);
-            drop(opens);
             self.announce(State::HalfOpen, State::Closed);
         } else {
-            let fields = word & ((FIELD << RECORDED) | (FIELD << FAILED_PROBES) | (FIELD << SLOW_PROBES));
-            self.open(&mut opens, word, fields | PROBE_METRICS);
-            drop(opens);
             self.announce(State::HalfOpen, State::Open);
         }
     }
@@ -869,12 +906,20 @@ impl Shared {
 
     fn transition_to(&self, state: u64) {
         let mut opens = lock(&self.opens_since_close);
-        let word = self.state.load(Ordering::Acquire);
         if state == CLOSED {
             *opens = 0;
             self.clear();
         }
-        self.state.store(next_word(word, state), Ordering::Release);
+        // A compare-and-swap loop, as probes change HalfOpen words unlocked.
+        let mut word = self.state.load(Ordering::Acquire);
+        while let Err(actual) = self.state.compare_exchange_weak(
+            word,
+            next_word(word, state),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            word = actual;
+        }
         drop(opens);
         let from = state_of(word);
         let to = state_of(state);
@@ -1022,9 +1067,13 @@ impl OwnedPermit {
     pub fn record(mut self, outcome: Outcome) {
         let kind = std::mem::replace(&mut self.ticket.kind, Kind::Done);
         if kind != Kind::Done {
-            self.breaker
-                .shared
-                .record(Ticket { kind, ..self.ticket }, outcome);
+            self.breaker.shared.record(
+                Ticket {
+                    kind,
+                    ..self.ticket
+                },
+                outcome,
+            );
         }
     }
 }

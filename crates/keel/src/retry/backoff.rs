@@ -137,7 +137,13 @@ pub enum Jitter {
 impl Jitter {
     /// The jittered delay for retry `retry`, given the previous delay
     /// actually used (for decorrelated jitter).
-    pub fn apply(&self, backoff: &Backoff, retry: u32, previous: Duration, rng: &dyn Rng) -> Duration {
+    pub fn apply(
+        &self,
+        backoff: &Backoff,
+        retry: u32,
+        previous: Duration,
+        rng: &dyn Rng,
+    ) -> Duration {
         let d = backoff.delay(retry);
         let cap = backoff.cap().unwrap_or(Duration::MAX);
         match *self {
@@ -238,7 +244,10 @@ mod tests {
     #[test]
     fn schedules_without_jitter_are_exact() {
         let c = Backoff::constant(MS * 50);
-        assert_eq!((1..=3).map(|n| c.delay(n)).collect::<Vec<_>>(), [MS * 50; 3]);
+        assert_eq!(
+            (1..=3).map(|n| c.delay(n)).collect::<Vec<_>>(),
+            [MS * 50; 3]
+        );
         let l = Backoff::linear(MS * 100, MS * 50).max_delay(MS * 220);
         assert_eq!(
             (1..=5).map(|n| l.delay(n)).collect::<Vec<_>>(),
@@ -251,7 +260,10 @@ mod tests {
         );
         // No overflow far down the schedule.
         assert_eq!(Backoff::exponential(MS).delay(10_000), Duration::MAX);
-        assert_eq!(Backoff::exponential(MS).max_delay(MS * 7).delay(10_000), MS * 7);
+        assert_eq!(
+            Backoff::exponential(MS).max_delay(MS * 7).delay(10_000),
+            MS * 7
+        );
     }
 
     #[test]
@@ -266,11 +278,18 @@ mod tests {
     #[test]
     fn invalid_jitter_and_factor_are_rejected() {
         assert_eq!(
-            Jitter::Proportional(1.5).validate().unwrap_err().to_string(),
+            Jitter::Proportional(1.5)
+                .validate()
+                .unwrap_err()
+                .to_string(),
             "jitter: a proportional jitter is a fraction in [0, 1], got 1.5"
         );
         assert_eq!(
-            Backoff::exponential(MS).factor(0.5).validate().unwrap_err().field(),
+            Backoff::exponential(MS)
+                .factor(0.5)
+                .validate()
+                .unwrap_err()
+                .field(),
             "backoff.factor"
         );
     }

@@ -195,7 +195,11 @@ mod tests {
     #[test]
     fn invalid_budgets_name_the_field() {
         assert_eq!(
-            RetryBudget::builder().ratio(-1.0).build().unwrap_err().field(),
+            RetryBudget::builder()
+                .ratio(-1.0)
+                .build()
+                .unwrap_err()
+                .field(),
             "ratio"
         );
         assert_eq!(

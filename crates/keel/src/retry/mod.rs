@@ -19,7 +19,7 @@
 //! let value = retry
 //!     .call(|| async {
 //!         if calls.fetch_add(1, Ordering::SeqCst) < 2 {
-//!             Err("flaky")
+//!             Err(std::io::Error::other("flaky"))
 //!         } else {
 //!             Ok(42)
 //!         }
@@ -227,7 +227,11 @@ impl Retry {
     }
 
     /// Runs `op`, retrying what `classifier` calls retryable.
-    pub async fn call_classified<T, E, C, F, Fut>(&self, classifier: &C, op: F) -> Result<T, Error<E>>
+    pub async fn call_classified<T, E, C, F, Fut>(
+        &self,
+        classifier: &C,
+        op: F,
+    ) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut,

@@ -99,11 +99,13 @@ impl Elapsed {
 }
 
 pin_project! {
-    /// Races a future against a lazily armed timer.
+    /// Races a future against a lazily armed timer. On expiry the inner
+    /// future is dropped at once, not when `Timed` is, so whatever it holds
+    /// (a connection, a permit) is released even if the caller keeps `Timed`.
     #[derive(Debug)]
     pub(crate) struct Timed<F> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
         #[pin]
         sleep: Option<Sleep>,
         after: Duration,
@@ -113,7 +115,7 @@ pin_project! {
 impl<F> Timed<F> {
     pub(crate) fn new(inner: F, after: Duration) -> Self {
         Timed {
-            inner,
+            inner: Some(inner),
             sleep: None,
             after,
         }
@@ -125,14 +127,21 @@ impl<F: Future> Future for Timed<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Poll::Ready(v) = this.inner.poll(cx) {
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            panic!("`Timed` polled after completion");
+        };
+        if let Poll::Ready(v) = inner.poll(cx) {
             return Poll::Ready(Ok(v));
         }
         if this.sleep.is_none() {
             this.sleep.set(Some(tokio::time::sleep(*this.after)));
         }
         match this.sleep.as_pin_mut() {
-            Some(sleep) => sleep.poll(cx).map(|()| Err(Elapsed(*this.after))),
+            Some(sleep) => {
+                std::task::ready!(sleep.poll(cx));
+                this.inner.set(None);
+                Poll::Ready(Err(Elapsed(*this.after)))
+            }
             None => Poll::Pending,
         }
     }
