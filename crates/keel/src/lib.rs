@@ -61,3 +61,8 @@ mod window;
 
 pub use error::{BoxError, ConfigError, Error, ServiceError};
 pub use pipeline::Pipeline;
+
+/// The README's examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
