@@ -478,20 +478,36 @@ impl fmt::Debug for CircuitBreaker {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Closed,
-    HalfOpen,
-    Disabled,
-    Done,
-}
-
-/// What a permit needs to record its outcome.
+/// What a permit needs to record its outcome: the state it was admitted in
+/// (CLOSED, HALF_OPEN or DISABLED; DONE once recorded) with that state's
+/// epoch, packed like the state word, and the call's start time.
+///
+/// Two plain `u64`s: a permit is built and moved on every call, and mixing a
+/// byte-sized field with word-sized copies stalls store forwarding.
 #[derive(Debug, Clone, Copy)]
 struct Ticket {
-    kind: Kind,
-    epoch: u64,
+    word: u64,
     start: u64,
+}
+
+/// A ticket's state once its outcome is recorded (not a breaker state).
+const DONE: u64 = STATE_MASK;
+
+impl Ticket {
+    fn new(state: u64, word: u64, start: u64) -> Self {
+        Ticket {
+            word: state | (word & (EPOCH_MASK << EPOCH)),
+            start,
+        }
+    }
+
+    fn state(&self) -> u64 {
+        self.word & STATE_MASK
+    }
+
+    fn epoch(&self) -> u64 {
+        epoch_of(self.word)
+    }
 }
 
 impl CircuitBreaker {
@@ -613,11 +629,7 @@ impl Shared {
     fn acquire(&self) -> Result<Ticket, Rejected> {
         let word = self.state.load(Ordering::Acquire);
         if word & STATE_MASK == CLOSED {
-            return Ok(Ticket {
-                kind: Kind::Closed,
-                epoch: epoch_of(word),
-                start: self.start_time(),
-            });
+            return Ok(Ticket::new(CLOSED, word, self.start_time()));
         }
         self.acquire_slow(word)
     }
@@ -626,20 +638,8 @@ impl Shared {
     fn acquire_slow(&self, mut word: u64) -> Result<Ticket, Rejected> {
         loop {
             match word & STATE_MASK {
-                CLOSED => {
-                    return Ok(Ticket {
-                        kind: Kind::Closed,
-                        epoch: epoch_of(word),
-                        start: self.start_time(),
-                    })
-                }
-                DISABLED => {
-                    return Ok(Ticket {
-                        kind: Kind::Disabled,
-                        epoch: epoch_of(word),
-                        start: 0,
-                    })
-                }
+                CLOSED => return Ok(Ticket::new(CLOSED, word, self.start_time())),
+                DISABLED => return Ok(Ticket::new(DISABLED, word, 0)),
                 FORCED_OPEN => return Err(self.reject(State::ForcedOpen, self.config.wait_in_open)),
                 OPEN => {
                     let now = self.clock.now_nanos();
@@ -660,11 +660,7 @@ impl Shared {
                     self.state.store(probing, Ordering::Release);
                     drop(guard);
                     self.announce(State::Open, State::HalfOpen);
-                    return Ok(Ticket {
-                        kind: Kind::HalfOpen,
-                        epoch: epoch_of(probing),
-                        start: self.start_time(),
-                    });
+                    return Ok(Ticket::new(HALF_OPEN, probing, self.start_time()));
                 }
                 _ => {
                     // HalfOpen: admit while probes out + recorded < max.
@@ -677,13 +673,7 @@ impl Shared {
                         Ordering::AcqRel,
                         Ordering::Acquire,
                     ) {
-                        Ok(_) => {
-                            return Ok(Ticket {
-                                kind: Kind::HalfOpen,
-                                epoch: epoch_of(word),
-                                start: self.start_time(),
-                            })
-                        }
+                        Ok(_) => return Ok(Ticket::new(HALF_OPEN, word, self.start_time())),
                         Err(actual) => word = actual,
                     }
                 }
@@ -709,14 +699,14 @@ impl Shared {
 
     #[inline]
     fn record(&self, ticket: Ticket, outcome: Outcome) {
-        match ticket.kind {
-            Kind::Closed => {
+        match ticket.state() {
+            CLOSED => {
                 if outcome != Outcome::Ignore {
                     self.record_closed(ticket, outcome == Outcome::Failure);
                 }
             }
-            Kind::HalfOpen => self.record_probe(ticket, outcome),
-            Kind::Disabled | Kind::Done => {}
+            HALF_OPEN => self.record_probe(ticket, outcome),
+            _ => {} // Disabled, or already recorded
         }
     }
 
@@ -738,7 +728,7 @@ impl Shared {
     fn record_closed(&self, ticket: Ticket, failed: bool) {
         let (slow, now) = self.finish(ticket.start);
         let word = self.state.load(Ordering::Acquire);
-        if word & STATE_MASK != CLOSED || epoch_of(word) != ticket.epoch {
+        if word & STATE_MASK != CLOSED || epoch_of(word) != ticket.epoch() {
             return; // the breaker moved on; this outcome is about an older state
         }
         let bits = if failed { FAILED } else { 0 } | if slow { SLOW } else { 0 };
@@ -801,6 +791,7 @@ impl Shared {
         next_word(word, OPEN) | probe_fields
     }
 
+    #[inline(never)]
     fn record_probe(&self, ticket: Ticket, outcome: Outcome) {
         let (slow, _) = if outcome == Outcome::Ignore {
             (false, 0)
@@ -809,7 +800,7 @@ impl Shared {
         };
         let mut word = self.state.load(Ordering::Acquire);
         loop {
-            if word & STATE_MASK != HALF_OPEN || epoch_of(word) != ticket.epoch {
+            if word & STATE_MASK != HALF_OPEN || epoch_of(word) != ticket.epoch() {
                 return;
             }
             let mut next = word - (1 << OUT);
@@ -834,7 +825,7 @@ impl Shared {
             }
         }
         if outcome != Outcome::Ignore && self.probes_decide(word) {
-            self.settle_probes(ticket.epoch);
+            self.settle_probes(ticket.epoch());
         }
     }
 
@@ -1008,24 +999,17 @@ impl Permit<'_> {
 
     /// Records `outcome`.
     #[inline]
-    pub fn record(mut self, outcome: Outcome) {
-        let ticket = std::mem::replace(&mut self.ticket.kind, Kind::Done);
-        if ticket != Kind::Done {
-            self.shared.record(
-                Ticket {
-                    kind: ticket,
-                    ..self.ticket
-                },
-                outcome,
-            );
-        }
+    pub fn record(self, outcome: Outcome) {
+        // Consumed without running Drop (which would record an ignore).
+        let this = std::mem::ManuallyDrop::new(self);
+        this.shared.record(this.ticket, outcome);
     }
 }
 
 impl Drop for Permit<'_> {
     #[inline]
     fn drop(&mut self) {
-        if self.ticket.kind == Kind::HalfOpen {
+        if self.ticket.state() == HALF_OPEN {
             self.shared.record(self.ticket, Outcome::Ignore);
         }
     }
@@ -1035,7 +1019,7 @@ impl fmt::Debug for Permit<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
             .field("breaker", &self.shared.name)
-            .field("kind", &self.ticket.kind)
+            .field("state", &state_of(self.ticket.state()).as_str())
             .finish()
     }
 }
@@ -1065,22 +1049,15 @@ impl OwnedPermit {
 
     /// Records `outcome`.
     pub fn record(mut self, outcome: Outcome) {
-        let kind = std::mem::replace(&mut self.ticket.kind, Kind::Done);
-        if kind != Kind::Done {
-            self.breaker.shared.record(
-                Ticket {
-                    kind,
-                    ..self.ticket
-                },
-                outcome,
-            );
-        }
+        let ticket = self.ticket;
+        self.ticket.word |= DONE; // so that Drop does not record again
+        self.breaker.shared.record(ticket, outcome);
     }
 }
 
 impl Drop for OwnedPermit {
     fn drop(&mut self) {
-        if self.ticket.kind == Kind::HalfOpen {
+        if self.ticket.state() == HALF_OPEN {
             self.breaker.shared.record(self.ticket, Outcome::Ignore);
         }
     }
@@ -1090,7 +1067,7 @@ impl fmt::Debug for OwnedPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OwnedPermit")
             .field("breaker", &self.breaker.shared.name)
-            .field("kind", &self.ticket.kind)
+            .field("state", &state_of(self.ticket.state()).as_str())
             .finish()
     }
 }
