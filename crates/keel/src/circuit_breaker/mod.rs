@@ -700,13 +700,11 @@ impl Shared {
     #[inline]
     fn record(&self, ticket: Ticket, outcome: Outcome) {
         match ticket.state() {
-            CLOSED => {
-                if outcome != Outcome::Ignore {
-                    self.record_closed(ticket, outcome == Outcome::Failure);
-                }
+            CLOSED if outcome != Outcome::Ignore => {
+                self.record_closed(ticket, outcome == Outcome::Failure)
             }
             HALF_OPEN => self.record_probe(ticket, outcome),
-            _ => {} // Disabled, or already recorded
+            _ => {} // ignored in Closed, Disabled, or already recorded
         }
     }
 
