@@ -29,13 +29,22 @@ async fn op_yielding() -> Result<u64, std::io::Error> {
     Ok(black_box(7))
 }
 
+/// Retry on calls that succeed: against an operation that is ready at once
+/// (the pure overhead) and one that is pending once, as any real I/O is.
 fn retry(c: &mut Criterion) {
     let rt = runtime();
+    let retry = Retry::builder().build().unwrap();
+
     let mut g = c.benchmark_group("retry_success");
     g.bench_function("direct", |b| b.to_async(&rt).iter(op));
-    let retry = Retry::builder().build().unwrap();
     g.bench_function("keel", |b| b.to_async(&rt).iter(|| retry.call(op)));
-    peers::retry(&mut g, &rt);
+    peers::retry(&mut g, &rt, op);
+    g.finish();
+
+    let mut g = c.benchmark_group("retry_success_pending_once");
+    g.bench_function("direct", |b| b.to_async(&rt).iter(op_yielding));
+    g.bench_function("keel", |b| b.to_async(&rt).iter(|| retry.call(op_yielding)));
+    peers::retry(&mut g, &rt, op_yielding);
     g.finish();
 }
 
@@ -71,8 +80,6 @@ fn timeout(c: &mut Criterion) {
 
 fn pipeline(c: &mut Criterion) {
     let rt = runtime();
-    let mut g = c.benchmark_group("pipeline_success");
-    g.bench_function("direct", |b| b.to_async(&rt).iter(op));
     let cb = CircuitBreaker::builder("bench")
         .disable_slow_call_detection()
         .build()
@@ -82,17 +89,36 @@ fn pipeline(c: &mut Criterion) {
         .retry(Retry::builder().build().unwrap())
         .circuit_breaker(cb)
         .build();
+    let mut g = c.benchmark_group("pipeline_success");
+    g.bench_function("direct", |b| b.to_async(&rt).iter(op));
     g.bench_function("keel_timeout_retry_breaker", |b| {
         b.to_async(&rt).iter(|| p.call(op))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("pipeline_success_pending_once");
+    g.bench_function("direct", |b| b.to_async(&rt).iter(op_yielding));
+    g.bench_function("keel_timeout_retry_breaker", |b| {
+        b.to_async(&rt).iter(|| p.call(op_yielding))
     });
     g.finish();
 }
 
 mod peers {
+    use backon::{ExponentialBuilder, Retryable};
     use criterion::{measurement::WallTime, BenchmarkGroup};
     use tokio::runtime::Runtime;
 
-    pub(super) fn retry(_g: &mut BenchmarkGroup<'_, WallTime>, _rt: &Runtime) {}
+    pub(super) fn retry<F, Fut>(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, op: F)
+    where
+        F: FnMut() -> Fut + Copy,
+        Fut: std::future::Future<Output = Result<u64, std::io::Error>>,
+    {
+        g.bench_function("backon", |b| {
+            b.to_async(rt)
+                .iter(|| op.retry(ExponentialBuilder::default()))
+        });
+    }
 }
 
 criterion_group!(benches, retry, timeout, pipeline);

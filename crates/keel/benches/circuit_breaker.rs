@@ -110,11 +110,95 @@ fn two_threads(c: &mut Criterion) {
     g.finish();
 }
 
+/// The closed path through each crate's own call wrapper: admission, the
+/// operation (returns `Ok` at once), recording.
 mod peers {
-    use criterion::{measurement::WallTime, BenchmarkGroup};
+    use std::hint::black_box;
 
-    pub(super) fn closed_path(_g: &mut BenchmarkGroup<'_, WallTime>) {}
+    use criterion::{measurement::WallTime, BenchmarkGroup};
+    use failsafe::CircuitBreaker as _;
+
+    fn op() -> Result<u64, ()> {
+        Ok(black_box(7))
+    }
+
+    pub(super) fn closed_path(g: &mut BenchmarkGroup<'_, WallTime>) {
+        // keel's synchronous equivalent of the peers' `call(f)`.
+        let cb = super::keel_breaker(keel::circuit_breaker::Window::Count(100), false);
+        g.bench_function("keel_count_window_wrapping_op", |b| {
+            b.iter(|| {
+                let permit = cb.try_acquire().unwrap();
+                let r = op();
+                if r.is_ok() {
+                    permit.success()
+                } else {
+                    permit.failure()
+                }
+                r
+            })
+        });
+        // recloser's defaults: a ring of 100 calls, error rate 0.5.
+        let recloser = recloser::Recloser::default();
+        g.bench_function("recloser", |b| b.iter(|| recloser.call(op)));
+        // failsafe's defaults: success rate over a time window, or
+        // consecutive failures.
+        let failsafe = failsafe::Config::new().build();
+        g.bench_function("failsafe", |b| b.iter(|| failsafe.call(op)));
+    }
 }
 
-criterion_group!(benches, closed_path, time_window_size, two_threads);
+/// The breaker as tower middleware: keel's layer against
+/// tower-resilience's, over a service that answers at once.
+fn tower_service(c: &mut Criterion) {
+    use std::cell::RefCell;
+    use tower::{Layer, Service, ServiceExt};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let inner = tower::service_fn(|()| async { Ok::<u64, std::io::Error>(black_box(7)) });
+    let mut g = c.benchmark_group("breaker_tower_service");
+
+    let direct = RefCell::new(inner);
+    g.bench_function("no_breaker", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut svc = direct.borrow_mut();
+            svc.ready().await.unwrap().call(()).await
+        })
+    });
+    let keel = RefCell::new(
+        keel::circuit_breaker::CircuitBreakerLayer::new(keel_breaker(Window::Count(100), false))
+            .layer(inner),
+    );
+    g.bench_function("keel", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut svc = keel.borrow_mut();
+            svc.ready().await.unwrap().call(()).await
+        })
+    });
+    let peer = RefCell::new(
+        tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
+            .failure_rate_threshold(0.5)
+            .sliding_window_size(100)
+            .build()
+            .unwrap()
+            .layer(inner),
+    );
+    g.bench_function("tower_resilience", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut svc = peer.borrow_mut();
+            svc.ready().await.unwrap().call(()).await
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    closed_path,
+    time_window_size,
+    two_threads,
+    tower_service
+);
 criterion_main!(benches);

@@ -237,30 +237,70 @@ impl Retry {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.run(classifier, || {
+        // The first attempt inline, as in `run`, without lifting each
+        // attempt's future into another state machine.
+        let start = self.begin();
+        let (verdict, result) = classify_lifted(classifier, op().await.map_err(Error::Inner));
+        if !verdict.retryable || self.inner.max_attempts == 1 {
+            return result;
+        }
+        let lifted = || {
             let fut = op();
             async move { fut.await.map_err(Error::Inner) }
-        })
-        .await
+        };
+        Box::pin(self.retry_loop(classifier, &lifted, start, verdict, result)).await
+    }
+
+    /// What every call does before its first attempt: deposits in the retry
+    /// budget, and reads the clock if a time budget needs the start time.
+    #[inline]
+    fn begin(&self) -> Option<Duration> {
+        let cfg = &*self.inner;
+        if let Some(budget) = &cfg.budget {
+            budget.deposit();
+        }
+        cfg.time_budget.map(|_| cfg.clock.now())
     }
 
     /// The retry loop over operations whose errors may already be keel's.
+    ///
+    /// The first attempt runs inline; the loop that follows a retryable
+    /// failure is boxed, so the future of a call that succeeds at once stays
+    /// small (it is moved on every await) and costs no more than the
+    /// operation. The allocation happens only on the way to a retry, which
+    /// sleeps anyway.
     pub(crate) async fn run<T, E, C, F, Fut>(&self, classifier: &C, op: F) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, Error<E>>>,
     {
-        let cfg = &*self.inner;
-        if let Some(budget) = &cfg.budget {
-            budget.deposit();
+        let start = self.begin();
+        let (verdict, result) = classify_lifted(classifier, op().await);
+        if !verdict.retryable || self.inner.max_attempts == 1 {
+            return result;
         }
-        let start = cfg.time_budget.map(|_| cfg.clock.now());
+        Box::pin(self.retry_loop(classifier, &op, start, verdict, result)).await
+    }
+
+    async fn retry_loop<T, E, C, F, Fut>(
+        &self,
+        classifier: &C,
+        op: &F,
+        start: Option<Duration>,
+        mut verdict: crate::classify::Verdict,
+        mut result: Result<T, Error<E>>,
+    ) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, Error<E>>>,
+    {
+        let cfg = &*self.inner;
         let mut attempt = 1;
         let mut previous = Duration::ZERO;
         loop {
-            let (verdict, result) = classify_lifted(classifier, op().await);
-            if !verdict.retryable || cfg.max_attempts == 1 {
+            if !verdict.retryable {
                 return result;
             }
             if attempt >= cfg.max_attempts {
@@ -295,6 +335,7 @@ impl Retry {
             }
             previous = delay;
             attempt += 1;
+            (verdict, result) = classify_lifted(classifier, op().await);
         }
     }
 }
