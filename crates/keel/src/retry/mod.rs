@@ -240,7 +240,9 @@ impl Retry {
         // The first attempt inline, as in `run`, without lifting each
         // attempt's future into another state machine.
         let start = self.begin();
-        let (verdict, result) = classify_lifted(classifier, op().await.map_err(Error::Inner));
+        let result = op().await;
+        let verdict = classifier.classify(&result);
+        let result = result.map_err(Error::Inner);
         if !verdict.retryable || self.inner.max_attempts == 1 {
             return result;
         }
