@@ -38,6 +38,7 @@
 
 mod backoff;
 mod budget;
+mod future;
 #[cfg(feature = "tower")]
 mod layer;
 
@@ -51,9 +52,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::classify::{classify_lifted, Classify, DefaultClassifier};
+use crate::classify::{Classify, DefaultClassifier};
 use crate::clock::{Clock, SharedClock, TokioClock};
 use crate::{ConfigError, Error};
+use future::{Lifted, Raw, RetryFuture};
 
 /// A retry policy. Cheap to clone; clones share the retry budget and RNG.
 #[derive(Clone)]
@@ -218,127 +220,43 @@ impl Retry {
     }
 
     /// Runs `op`, retrying `Err`s (the default classifier).
-    pub async fn call<T, E, F, Fut>(&self, op: F) -> Result<T, Error<E>>
+    pub fn call<'a, T, E, F, Fut>(
+        &'a self,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + use<'a, T, E, F, Fut>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.call_classified(&DefaultClassifier, op).await
+        RetryFuture::new(&self.inner, &DefaultClassifier, Lifted(op))
     }
 
     /// Runs `op`, retrying what `classifier` calls retryable.
-    pub async fn call_classified<T, E, C, F, Fut>(
-        &self,
-        classifier: &C,
+    pub fn call_classified<'a, T, E, C, F, Fut>(
+        &'a self,
+        classifier: &'a C,
         op: F,
-    ) -> Result<T, Error<E>>
+    ) -> impl Future<Output = Result<T, Error<E>>> + use<'a, T, E, C, F, Fut>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        // The first attempt inline, as in `run`, without lifting each
-        // attempt's future into another state machine.
-        let start = self.begin();
-        let result = op().await;
-        let verdict = classifier.classify(&result);
-        let result = result.map_err(Error::Inner);
-        if !verdict.retryable || self.inner.max_attempts == 1 {
-            return result;
-        }
-        let lifted = || {
-            let fut = op();
-            async move { fut.await.map_err(Error::Inner) }
-        };
-        Box::pin(self.retry_loop(classifier, &lifted, start, verdict, result)).await
+        RetryFuture::new(&self.inner, classifier, Lifted(op))
     }
 
-    /// What every call does before its first attempt: deposits in the retry
-    /// budget, and reads the clock if a time budget needs the start time.
-    #[inline]
-    fn begin(&self) -> Option<Duration> {
-        let cfg = &*self.inner;
-        if let Some(budget) = &cfg.budget {
-            budget.deposit();
-        }
-        cfg.time_budget.map(|_| cfg.clock.now())
-    }
-
-    /// The retry loop over operations whose errors may already be keel's.
-    ///
-    /// The first attempt runs inline; the loop that follows a retryable
-    /// failure is boxed, so the future of a call that succeeds at once stays
-    /// small (it is moved on every await) and costs no more than the
-    /// operation. The allocation happens only on the way to a retry, which
-    /// sleeps anyway.
-    pub(crate) async fn run<T, E, C, F, Fut>(&self, classifier: &C, op: F) -> Result<T, Error<E>>
+    /// Runs `op`, whose errors may already be keel's (inner steps).
+    pub(crate) fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        classifier: &'a C,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + use<'a, T, E, C, F, Fut>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, Error<E>>>,
     {
-        let start = self.begin();
-        let (verdict, result) = classify_lifted(classifier, op().await);
-        if !verdict.retryable || self.inner.max_attempts == 1 {
-            return result;
-        }
-        Box::pin(self.retry_loop(classifier, &op, start, verdict, result)).await
-    }
-
-    async fn retry_loop<T, E, C, F, Fut>(
-        &self,
-        classifier: &C,
-        op: &F,
-        start: Option<Duration>,
-        mut verdict: crate::classify::Verdict,
-        mut result: Result<T, Error<E>>,
-    ) -> Result<T, Error<E>>
-    where
-        C: Classify<T, E> + ?Sized,
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<T, Error<E>>>,
-    {
-        let cfg = &*self.inner;
-        let mut attempt = 1;
-        let mut previous = Duration::ZERO;
-        loop {
-            if !verdict.retryable {
-                return result;
-            }
-            if attempt >= cfg.max_attempts {
-                return give_up(result, attempt, GiveUp::MaxAttempts);
-            }
-            let delay = match verdict.retry_after {
-                Some(hint) => hint.min(cfg.max_retry_after),
-                None => cfg.jitter.apply(&cfg.backoff, attempt, previous, &*cfg.rng),
-            };
-            if let (Some(limit), Some(start)) = (cfg.time_budget, start) {
-                let elapsed = cfg.clock.now().saturating_sub(start);
-                if elapsed.saturating_add(delay) >= limit {
-                    return give_up(result, attempt, GiveUp::TimeBudget);
-                }
-            }
-            if let Some(budget) = &cfg.budget {
-                if !budget.try_withdraw() {
-                    return give_up(result, attempt, GiveUp::RetryBudget);
-                }
-            }
-            tracing::debug!(
-                target: "keel::retry",
-                attempt,
-                next_attempt = attempt + 1,
-                ?delay,
-                server_hint = verdict.retry_after.is_some(),
-                "retry scheduled"
-            );
-            drop(result);
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            previous = delay;
-            attempt += 1;
-            (verdict, result) = classify_lifted(classifier, op().await);
-        }
+        RetryFuture::new(&self.inner, classifier, Raw(op))
     }
 }
 
