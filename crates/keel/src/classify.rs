@@ -142,7 +142,8 @@ impl<T, E> Classify<T, E> for DefaultClassifier {
 /// The operation's values and errors go to the user's classifier; keel's own
 /// errors have fixed meanings: an inner timeout is a retryable failure, a
 /// rejection by an inner breaker is ignored by outer breakers but retryable
-/// after its `retry_after`, and an exhausted inner retry is a failure that is
+/// after its `retry_after`, a full inner bulkhead is ignored and retryable,
+/// and an exhausted inner retry is a failure that is
 /// not retried again (retries must not multiply across layers).
 ///
 /// Takes the result by value and gives it back, so the user's classifier can
@@ -178,6 +179,9 @@ fn own_verdict<E>(e: &Error<E>) -> Verdict {
             retry_after: Some(*retry_after),
         },
         Error::Timeout { .. } => Verdict::failure(),
+        // Local overload says nothing about the dependency: not a failure
+        // for an outer breaker, but worth another try later.
+        Error::BulkheadFull => Verdict::ignore().with_retryable(true),
         Error::RetriesExhausted { .. } => Verdict::failure().with_retryable(false),
     }
 }

@@ -62,6 +62,10 @@ pub enum Error<E> {
         /// How long keel waited before giving up.
         after: Duration,
     },
+    /// A bulkhead had no free seat and no room (or no time left) to wait for
+    /// one. Nothing about the dependency is known; try again later or with
+    /// more capacity.
+    BulkheadFull,
     /// Retry stopped: attempts, time budget or retry budget ran out.
     RetriesExhausted {
         /// How many attempts were made (the first call included).
@@ -98,7 +102,7 @@ impl<E> Error<E> {
 
     /// True when keel rejected the call without running the operation.
     pub fn is_rejection(&self) -> bool {
-        matches!(self, Error::CircuitOpen { .. })
+        matches!(self, Error::CircuitOpen { .. } | Error::BulkheadFull)
     }
 
     /// Maps the operation's error, keeping keel's own variants.
@@ -107,6 +111,7 @@ impl<E> Error<E> {
             Error::Inner(e) => Error::Inner(f(e)),
             Error::CircuitOpen { retry_after } => Error::CircuitOpen { retry_after },
             Error::Timeout { after } => Error::Timeout { after },
+            Error::BulkheadFull => Error::BulkheadFull,
             Error::RetriesExhausted { attempts, last } => Error::RetriesExhausted {
                 attempts,
                 last: Box::new(last.map_inner(f)),
@@ -126,6 +131,9 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::Timeout { after } => {
                 write!(f, "timed out after {after:?}; the call was cancelled")
             }
+            Error::BulkheadFull => f.write_str(
+                "bulkhead full: every seat is taken and no place to wait was free in time; the call did not run",
+            ),
             Error::RetriesExhausted { attempts, last } => {
                 let noun = if *attempts == 1 { "attempt" } else { "attempts" };
                 write!(f, "gave up after {attempts} {noun}; last error: {last}")

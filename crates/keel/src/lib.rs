@@ -48,9 +48,11 @@
     unreachable_pub
 )]
 
+pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod clock;
+pub mod config;
 mod error;
 pub mod events;
 pub mod pipeline;

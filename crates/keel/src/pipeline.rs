@@ -33,6 +33,7 @@
 
 use std::future::Future;
 
+use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;
 use crate::classify::{classify_lifted, Classify, DefaultClassifier};
 use crate::retry::Retry;
@@ -161,6 +162,21 @@ impl Step for CircuitBreaker {
     }
 }
 
+impl sealed::Sealed for Bulkhead {}
+impl Step for Bulkhead {
+    async fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        let _seat = self.acquire().await?;
+        op().await
+    }
+}
+
 /// Policies composed around closure calls. Build with [`Pipeline::builder`].
 #[derive(Debug, Clone)]
 pub struct Pipeline<S = Identity, C = DefaultClassifier> {
@@ -213,6 +229,11 @@ impl<S, C> PipelineBuilder<S, C> {
         breaker: CircuitBreaker,
     ) -> PipelineBuilder<Stack<S, CircuitBreaker>, C> {
         self.push(breaker)
+    }
+
+    /// Adds a bulkhead (a handle: its seats are shared with its other users).
+    pub fn bulkhead(self, bulkhead: Bulkhead) -> PipelineBuilder<Stack<S, Bulkhead>, C> {
+        self.push(bulkhead)
     }
 
     /// Sets the classifier every step uses (default: `Ok` succeeds, `Err`

@@ -1,0 +1,146 @@
+//! The bulkhead as a tower middleware.
+//!
+//! A seat is taken in `poll_ready` (waiting in the queue as configured), as
+//! `tower::limit::ConcurrencyLimit` does, and held by the response future
+//! until it completes or is dropped. A full bulkhead makes `poll_ready`
+//! return `Error::BulkheadFull`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{Bulkhead, BulkheadFull, OwnedPermit};
+use crate::error::{lift_boxed, BoxError, ServiceError};
+use crate::Error;
+
+/// Applies a [`Bulkhead`] to a service. Services made by clones of the layer
+/// share its seats.
+#[derive(Debug, Clone)]
+pub struct BulkheadLayer {
+    bulkhead: Bulkhead,
+}
+
+impl BulkheadLayer {
+    /// A layer taking seats from `bulkhead`.
+    pub fn new(bulkhead: Bulkhead) -> Self {
+        BulkheadLayer { bulkhead }
+    }
+}
+
+impl<S> Layer<S> for BulkheadLayer {
+    type Service = BulkheadService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BulkheadService {
+            inner,
+            bulkhead: self.bulkhead.clone(),
+            waiting: None,
+            seat: None,
+        }
+    }
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedPermit, BulkheadFull>> + Send>>;
+
+/// A service behind a bulkhead. See [`BulkheadLayer`].
+pub struct BulkheadService<S> {
+    inner: S,
+    bulkhead: Bulkhead,
+    waiting: Option<Acquire>,
+    seat: Option<OwnedPermit>,
+}
+
+impl<S: Clone> Clone for BulkheadService<S> {
+    /// A clone has no seat of its own yet.
+    fn clone(&self) -> Self {
+        BulkheadService {
+            inner: self.inner.clone(),
+            bulkhead: self.bulkhead.clone(),
+            waiting: None,
+            seat: None,
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for BulkheadService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BulkheadService")
+            .field("bulkhead", &self.bulkhead)
+            .field("has_seat", &self.seat.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> BulkheadService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for BulkheadService<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = Error<ServiceError>;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.seat.is_none() {
+            let seat = match self.waiting.as_mut() {
+                Some(waiting) => ready!(waiting.as_mut().poll(cx)),
+                None => match self.bulkhead.try_acquire_owned() {
+                    Ok(seat) => Ok(seat),
+                    Err(_) if self.bulkhead.inner.max_queue > 0 => {
+                        self.waiting = Some(Box::pin(self.bulkhead.acquire_owned()));
+                        return self.poll_ready(cx);
+                    }
+                    Err(full) => Err(full),
+                },
+            };
+            self.waiting = None;
+            self.seat = Some(seat.map_err(Error::from)?);
+        }
+        self.inner.poll_ready(cx).map_err(lift_boxed)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let seat = self
+            .seat
+            .take()
+            .expect("BulkheadService::call without a successful poll_ready");
+        ResponseFuture {
+            inner: self.inner.call(req),
+            _seat: seat,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`BulkheadService`]: holds the call's seat until it
+    /// completes or is dropped.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        _seat: OwnedPermit,
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, Error<ServiceError>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx).map(|r| r.map_err(lift_boxed))
+    }
+}

@@ -1,0 +1,308 @@
+//! Behaviour of the semaphore bulkhead, on tokio's paused clock.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use keel::bulkhead::{Bulkhead, BulkheadConfig, BulkheadLayer, OwnedPermit};
+use keel::{Error, Pipeline};
+use proptest::prelude::*;
+use tokio_test::task::{spawn, Spawn};
+use tokio_test::{assert_pending, assert_ready, assert_ready_err, assert_ready_ok};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn bulkhead(max_concurrent: u32, max_queue: u32, queue_timeout: Duration) -> Bulkhead {
+    Bulkhead::builder("dep")
+        .max_concurrent(max_concurrent)
+        .max_queue(max_queue)
+        .queue_timeout(queue_timeout)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn seats_are_bounded_and_released_on_drop() {
+    let b = bulkhead(2, 0, Duration::ZERO);
+    let first = b.try_acquire().unwrap();
+    let second = b.try_acquire_owned().unwrap();
+    let full = b.try_acquire().unwrap_err();
+    assert_eq!(
+        full.to_string(),
+        "bulkhead dep is full: every seat is taken and no place to wait was free in time"
+    );
+    assert_eq!(b.metrics().in_use, 2);
+    assert_eq!(b.metrics().rejected, 1);
+    drop(first);
+    assert_eq!(b.metrics().in_use, 1);
+    drop(second);
+    assert_eq!(b.metrics().available, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_in_arrival_order() {
+    let b = bulkhead(1, 3, 10 * MS);
+    let held = b.try_acquire_owned().unwrap();
+    let mut waiters: Vec<Spawn<_>> = (0..3).map(|_| spawn(b.acquire_owned())).collect();
+    for w in &mut waiters {
+        assert_pending!(w.poll());
+    }
+    assert_eq!(b.metrics().waiting, 3);
+    // try_acquire never jumps the queue.
+    drop(held);
+    assert!(b.try_acquire().is_err());
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let i = waiters
+            .iter_mut()
+            .position(|w| w.is_woken())
+            .expect("the first in line is woken");
+        let seat = assert_ready_ok!(waiters[i].poll());
+        order.push(i);
+        drop(seat);
+    }
+    assert_eq!(order, [0, 1, 2]);
+    assert_eq!(b.metrics().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_rejects_at_once() {
+    let b = bulkhead(1, 1, 10 * MS);
+    let _held = b.try_acquire().unwrap();
+    let mut waiter = spawn(b.acquire());
+    assert_pending!(waiter.poll());
+    let mut second = spawn(b.acquire());
+    assert_ready_err!(second.poll());
+    assert_eq!(b.metrics().rejected, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_ends_after_queue_timeout_and_frees_the_place() {
+    let b = bulkhead(1, 1, 100 * MS);
+    let _held = b.try_acquire().unwrap();
+    let mut waiter = spawn(b.acquire());
+    assert_pending!(waiter.poll());
+    tokio::time::advance(99 * MS).await;
+    assert_pending!(waiter.poll());
+    tokio::time::advance(MS).await;
+    assert_ready_err!(waiter.poll());
+    drop(waiter);
+    assert_eq!(b.metrics().waiting, 0);
+    assert_eq!(b.metrics().rejected, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_call_leaks_neither_seat_nor_place() {
+    let b = bulkhead(1, 1, Duration::from_secs(60));
+    // Cancelled while running: the seat comes back.
+    let mut running = spawn(b.call(std::future::pending::<Result<(), ()>>));
+    assert_pending!(running.poll());
+    assert_eq!(b.metrics().in_use, 1);
+    // Cancelled while waiting: the place comes back.
+    let mut queued = spawn(b.acquire());
+    assert_pending!(queued.poll());
+    assert_eq!(b.metrics().waiting, 1);
+    drop(queued);
+    assert_eq!(b.metrics().waiting, 0);
+    drop(running);
+    assert_eq!(b.metrics().in_use, 0);
+    assert!(b.try_acquire().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pipeline_step_and_tower_layer_share_the_seats() {
+    use tower::{Service, ServiceExt};
+
+    let b = bulkhead(1, 0, Duration::ZERO);
+    let pipeline = Pipeline::builder().bulkhead(b.clone()).build();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(BulkheadLayer::new(b.clone()))
+        .service_fn(|()| async { Ok::<_, std::io::Error>("ok") });
+
+    // The pipeline holds the only seat while its call runs.
+    let mut call = spawn(pipeline.call(std::future::pending::<Result<(), ()>>));
+    assert_pending!(call.poll());
+    let err = svc.ready().await.unwrap_err();
+    assert!(matches!(err, Error::BulkheadFull), "{err:?}");
+    assert!(matches!(
+        pipeline.call(|| async { Ok::<_, ()>(()) }).await,
+        Err(Error::BulkheadFull)
+    ));
+    drop(call);
+    assert_eq!(svc.ready().await.unwrap().call(()).await.unwrap(), "ok");
+    assert_eq!(b.metrics().in_use, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tower_layer_waits_in_poll_ready_when_a_queue_is_configured() {
+    let b = bulkhead(1, 1, 50 * MS);
+    let held = b.try_acquire_owned().unwrap();
+    let mut svc = tower_test::mock::Spawn::new(
+        tower::ServiceBuilder::new()
+            .layer(BulkheadLayer::new(b.clone()))
+            .service_fn(|()| async { Ok::<_, std::io::Error>(1) }),
+    );
+    assert_pending!(svc.poll_ready());
+    assert_eq!(b.metrics().waiting, 1);
+    drop(held);
+    assert_ready_ok!(svc.poll_ready());
+    let response = svc.call(());
+    assert_eq!(b.metrics().in_use, 1);
+    assert_eq!(response.await.unwrap(), 1);
+    assert_eq!(b.metrics().in_use, 0);
+    let _ = assert_ready!(svc.poll_ready());
+}
+
+#[test]
+fn configuration_is_data_and_errors_name_the_field() {
+    let config: BulkheadConfig = toml::from_str(
+        r#"
+        max_concurrent = 10
+        max_queue = 0
+        queue_timeout = "0ms"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.max_concurrent, 10);
+    config.build("payment").unwrap();
+
+    let unknown = toml::from_str::<BulkheadConfig>("max_concurent = 10").unwrap_err();
+    assert!(
+        unknown
+            .to_string()
+            .contains("unknown field `max_concurent`"),
+        "{unknown}"
+    );
+    let bad_duration = toml::from_str::<BulkheadConfig>(r#"queue_timeout = "soon""#).unwrap_err();
+    assert!(
+        bad_duration.to_string().contains("is not a duration"),
+        "{bad_duration}"
+    );
+
+    let zero = BulkheadConfig {
+        max_concurrent: 0,
+        ..BulkheadConfig::default()
+    };
+    assert_eq!(zero.build("x").unwrap_err().field(), "max_concurrent");
+    let queue_without_time = BulkheadConfig {
+        max_queue: 3,
+        ..BulkheadConfig::default()
+    };
+    let err = queue_without_time.build("x").unwrap_err();
+    assert_eq!(err.field(), "queue_timeout");
+    assert_eq!(
+        err.to_string(),
+        "queue_timeout: must be longer than zero when max_queue is 3 (a queue nobody may wait in)"
+    );
+}
+
+// ---- property: no leak, no over-admission ------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    TryAcquire,
+    Acquire,
+    Release(usize),
+    CancelWaiter(usize),
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => Just(Op::TryAcquire),
+        3 => Just(Op::Acquire),
+        3 => any::<usize>().prop_map(Op::Release),
+        1 => any::<usize>().prop_map(Op::CancelWaiter),
+        1 => (0u64..40).prop_map(Op::Advance),
+    ]
+}
+
+type Waiter = Spawn<
+    std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<OwnedPermit, keel::bulkhead::BulkheadFull>>
+                + Send,
+        >,
+    >,
+>;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Whatever the sequence of acquires, releases, cancellations and time,
+    /// seats in use equal the permits held and never exceed the maximum, the
+    /// queue never exceeds its bound, and waiters are served in order.
+    #[test]
+    fn seats_never_leak_or_over_admit(
+        max_concurrent in 1u32..4,
+        max_queue in 0u32..4,
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let b = bulkhead(max_concurrent, max_queue, 30 * MS);
+            let mut held: Vec<OwnedPermit> = Vec::new();
+            let mut waiters: VecDeque<(u64, Waiter)> = VecDeque::new();
+            let mut next_id = 0u64;
+            let mut served: Vec<u64> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::TryAcquire => {
+                        if let Ok(p) = b.try_acquire_owned() {
+                            held.push(p);
+                        }
+                    }
+                    Op::Acquire => {
+                        let mut w: Waiter = spawn(Box::pin(b.acquire_owned()));
+                        match w.poll() {
+                            std::task::Poll::Ready(Ok(p)) => held.push(p),
+                            std::task::Poll::Ready(Err(_)) => {}
+                            std::task::Poll::Pending => {
+                                waiters.push_back((next_id, w));
+                                next_id += 1;
+                            }
+                        }
+                    }
+                    Op::Release(i) => {
+                        if !held.is_empty() {
+                            drop(held.swap_remove(i % held.len()));
+                        }
+                    }
+                    Op::CancelWaiter(i) => {
+                        if !waiters.is_empty() {
+                            let _ = waiters.remove(i % waiters.len());
+                        }
+                    }
+                    Op::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+                }
+                // Let every waiter that can finish do so.
+                let mut still = VecDeque::new();
+                while let Some((id, mut w)) = waiters.pop_front() {
+                    match w.poll() {
+                        std::task::Poll::Ready(Ok(p)) => {
+                            held.push(p);
+                            served.push(id);
+                        }
+                        std::task::Poll::Ready(Err(_)) => {}
+                        std::task::Poll::Pending => still.push_back((id, w)),
+                    }
+                }
+                waiters = still;
+                let m = b.metrics();
+                prop_assert_eq!(m.in_use as usize, held.len());
+                prop_assert!(m.in_use <= max_concurrent);
+                prop_assert_eq!(m.waiting as usize, waiters.len());
+                prop_assert!(m.waiting <= max_queue);
+            }
+            prop_assert!(served.windows(2).all(|w| w[0] < w[1]), "served out of order: {:?}", served);
+            drop(waiters);
+            drop(held);
+            prop_assert_eq!(b.metrics().in_use, 0);
+            prop_assert_eq!(b.metrics().waiting, 0);
+            Ok(())
+        })?;
+    }
+}
