@@ -73,5 +73,84 @@ fn bulkhead(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bulkhead);
+/// GCRA checks with room to admit (a generous rate), keel beside governor.
+fn rate_limiter(c: &mut Criterion) {
+    use governor::{Quota, RateLimiter as Governor};
+    use keel::rate_limit::RateLimiter;
+    use std::num::NonZeroU32;
+
+    let rate = 1_000_000_000.0; // one a nanosecond: never limits, so every check admits
+    let keel = RateLimiter::builder("bench")
+        .per_second(rate)
+        .burst(1_000_000)
+        .build()
+        .unwrap();
+    let quota = Quota::per_second(NonZeroU32::new(1_000_000_000).unwrap())
+        .allow_burst(NonZeroU32::new(1_000_000).unwrap());
+    let governor = Governor::direct(quota);
+
+    let mut g = c.benchmark_group("rate_limit_check");
+    g.bench_function("keel", |b| b.iter(|| black_box(&keel).check().is_ok()));
+    g.bench_function("governor", |b| {
+        b.iter(|| black_box(&governor).check().is_ok())
+    });
+    g.finish();
+
+    // Both cores checking one limiter; reported per check and thread.
+    fn two_threads(iters: u64, check: impl Fn() -> bool + Sync) -> Duration {
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            black_box(check());
+                        }
+                        start.elapsed()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .max()
+                .unwrap()
+        })
+    }
+    let mut g = c.benchmark_group("rate_limit_check_two_threads");
+    g.bench_function("keel", |b| {
+        b.iter_custom(|n| two_threads(n, || keel.check().is_ok()))
+    });
+    g.bench_function("governor", |b| {
+        b.iter_custom(|n| two_threads(n, || governor.check().is_ok()))
+    });
+    g.finish();
+
+    let keyed = RateLimiter::builder("bench")
+        .per_second(rate)
+        .burst(1_000_000)
+        .build_keyed::<u32>(100_000)
+        .unwrap();
+    let governor_keyed = Governor::keyed(quota);
+    let mut g = c.benchmark_group("rate_limit_check_keyed");
+    let mut i = 0u32;
+    g.bench_function("keel", |b| {
+        b.iter(|| {
+            i = (i + 1) % 1000;
+            keyed.check_key(&i).is_ok()
+        })
+    });
+    let mut i = 0u32;
+    g.bench_function("governor", |b| {
+        b.iter(|| {
+            i = (i + 1) % 1000;
+            governor_keyed.check_key(&i).is_ok()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bulkhead, rate_limiter);
 criterion_main!(benches);

@@ -182,6 +182,11 @@ fn own_verdict<E>(e: &Error<E>) -> Verdict {
         // Local overload says nothing about the dependency: not a failure
         // for an outer breaker, but worth another try later.
         Error::BulkheadFull => Verdict::ignore().with_retryable(true),
+        Error::RateLimited { retry_after } => Verdict {
+            outcome: Outcome::Ignore,
+            retryable: true,
+            retry_after: Some(*retry_after),
+        },
         Error::RetriesExhausted { .. } => Verdict::failure().with_retryable(false),
     }
 }

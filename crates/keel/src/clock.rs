@@ -68,9 +68,15 @@ impl MonotonicClock {
     }
 }
 
-struct Source {
+pub(crate) struct Source {
     clock: quanta::Clock,
     origin: u64,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MonotonicClock")
+    }
 }
 
 fn source() -> &'static Source {
@@ -89,8 +95,42 @@ impl Clock for MonotonicClock {
 
     #[inline]
     fn now_nanos(&self) -> u64 {
-        let s = source();
-        s.clock.delta_as_nanos(s.origin, s.clock.raw())
+        monotonic_nanos()
+    }
+}
+
+#[inline]
+fn monotonic_nanos() -> u64 {
+    source().now_nanos()
+}
+
+impl Source {
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        self.clock.delta_as_nanos(self.origin, self.clock.raw())
+    }
+}
+
+/// A policy's clock: the default monotonic clock read directly (no virtual
+/// call on the hot path), or one given to the builder.
+#[derive(Debug, Clone)]
+pub(crate) enum ClockSource {
+    /// The process's monotonic source, resolved once at build time.
+    Monotonic(&'static Source),
+    Given(SharedClock),
+}
+
+impl ClockSource {
+    pub(crate) fn new(given: Option<SharedClock>) -> Self {
+        given.map_or_else(|| ClockSource::Monotonic(source()), ClockSource::Given)
+    }
+
+    #[inline]
+    pub(crate) fn now_nanos(&self) -> u64 {
+        match self {
+            ClockSource::Monotonic(s) => s.now_nanos(),
+            ClockSource::Given(c) => c.now_nanos(),
+        }
     }
 }
 

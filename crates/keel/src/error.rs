@@ -66,6 +66,11 @@ pub enum Error<E> {
     /// one. Nothing about the dependency is known; try again later or with
     /// more capacity.
     BulkheadFull,
+    /// A rate limiter did not admit the call.
+    RateLimited {
+        /// When the same call would be admitted, if nothing else is.
+        retry_after: Duration,
+    },
     /// Retry stopped: attempts, time budget or retry budget ran out.
     RetriesExhausted {
         /// How many attempts were made (the first call included).
@@ -95,14 +100,19 @@ impl<E> Error<E> {
     /// When keel advises trying again, if it knows.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::CircuitOpen { retry_after } => Some(*retry_after),
+            Error::CircuitOpen { retry_after } | Error::RateLimited { retry_after } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }
 
     /// True when keel rejected the call without running the operation.
     pub fn is_rejection(&self) -> bool {
-        matches!(self, Error::CircuitOpen { .. } | Error::BulkheadFull)
+        matches!(
+            self,
+            Error::CircuitOpen { .. } | Error::BulkheadFull | Error::RateLimited { .. }
+        )
     }
 
     /// Maps the operation's error, keeping keel's own variants.
@@ -112,6 +122,7 @@ impl<E> Error<E> {
             Error::CircuitOpen { retry_after } => Error::CircuitOpen { retry_after },
             Error::Timeout { after } => Error::Timeout { after },
             Error::BulkheadFull => Error::BulkheadFull,
+            Error::RateLimited { retry_after } => Error::RateLimited { retry_after },
             Error::RetriesExhausted { attempts, last } => Error::RetriesExhausted {
                 attempts,
                 last: Box::new(last.map_inner(f)),
@@ -133,6 +144,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             }
             Error::BulkheadFull => f.write_str(
                 "bulkhead full: every seat is taken and no place to wait was free in time; the call did not run",
+            ),
+            Error::RateLimited { retry_after } => write!(
+                f,
+                "rate limited: over the configured rate; retry after {retry_after:?}"
             ),
             Error::RetriesExhausted { attempts, last } => {
                 let noun = if *attempts == 1 { "attempt" } else { "attempts" };

@@ -56,6 +56,7 @@ pub mod config;
 mod error;
 pub mod events;
 pub mod pipeline;
+pub mod rate_limit;
 pub mod retry;
 mod sync;
 pub mod timeout;

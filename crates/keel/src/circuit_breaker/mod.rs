@@ -78,7 +78,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::classify::{classify_lifted, Classify, Outcome};
-use crate::clock::{duration_nanos, Clock, MonotonicClock, SharedClock};
+use crate::clock::{duration_nanos, Clock, ClockSource, SharedClock};
 use crate::error::{check_fraction, ConfigError};
 use crate::events::Listeners;
 use crate::sync::{lock, AtomicU64, Mutex, Ordering};
@@ -430,7 +430,7 @@ impl Builder {
         Ok(CircuitBreaker {
             shared: Arc::new(Shared {
                 name: self.name,
-                clock: self.clock.unwrap_or_else(|| Arc::new(MonotonicClock)),
+                clock: ClockSource::new(self.clock),
                 state: AtomicU64::new(CLOSED),
                 open_until: AtomicU64::new(0),
                 calls: Calls::new(self.window),
@@ -455,7 +455,7 @@ pub struct CircuitBreaker {
 struct Shared {
     name: Arc<str>,
     config: Config,
-    clock: SharedClock,
+    clock: ClockSource,
     state: AtomicU64,
     /// Clock time (ns) at which Open may move to HalfOpen.
     open_until: AtomicU64,

@@ -1,0 +1,357 @@
+//! Rate limiting with GCRA, the generic cell rate algorithm: a token bucket
+//! (`rate` tokens a second, up to `burst` at once) kept as one number, the
+//! *theoretical arrival time* (TAT) of the next request.
+//!
+//! ```text
+//!   interval = 1 / rate            capacity = burst x interval
+//!   on a request for n at `now`:   tat' = max(tat, now) + n x interval
+//!     tat' - now <= capacity  ──▶  admitted, tat = tat'
+//!     otherwise               ──▶  RateLimited { retry_after = tat' - now - capacity }
+//! ```
+//!
+//! A key whose TAT has passed is indistinguishable from a key never seen,
+//! which is what lets the keyed limiter forget idle keys without changing a
+//! decision.
+//!
+//! ```
+//! use keel::rate_limit::RateLimiter;
+//! use keel::clock::ManualClock;
+//! use std::time::Duration;
+//!
+//! let clock = ManualClock::new();
+//! let limiter = RateLimiter::builder("api")
+//!     .per_second(10.0)
+//!     .burst(2)
+//!     .clock(clock.clone())
+//!     .build()?;
+//! assert!(limiter.check().is_ok());
+//! assert!(limiter.check().is_ok()); // the burst
+//! let limited = limiter.check().unwrap_err();
+//! assert_eq!(limited.retry_after, Duration::from_millis(100));
+//! clock.advance(Duration::from_millis(100));
+//! assert!(limiter.check().is_ok());
+//! # Ok::<(), keel::ConfigError>(())
+//! ```
+
+mod keyed;
+
+pub use keyed::{InMemoryStore, KeyedRateLimiter, StateStore};
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, ClockSource, SharedClock};
+use crate::{ConfigError, Error};
+
+/// A rate limiter's configuration, as data. `requests_per_second` may be
+/// fractional (0.5 is one request every two seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained rate.
+    pub requests_per_second: f64,
+    /// Requests admitted at once after a quiet period (default 1).
+    #[serde(default = "one")]
+    pub burst: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl RateLimitConfig {
+    /// Builds a limiter, or says which field is wrong.
+    pub fn build(&self, name: impl Into<Arc<str>>) -> Result<RateLimiter, ConfigError> {
+        RateLimiter::builder(name)
+            .per_second(self.requests_per_second)
+            .burst(self.burst)
+            .build()
+    }
+}
+
+/// The call was over the rate. Converts into [`Error::RateLimited`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimited {
+    /// When the same request would be admitted, if nothing else is.
+    pub retry_after: Duration,
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rate limited: over the configured rate; retry after {:?}",
+            self.retry_after
+        )
+    }
+}
+
+impl std::error::Error for RateLimited {}
+
+impl<E> From<RateLimited> for Error<E> {
+    fn from(r: RateLimited) -> Self {
+        Error::RateLimited {
+            retry_after: r.retry_after,
+        }
+    }
+}
+
+/// The rate: nanoseconds per request, and the burst as the nanoseconds of
+/// requests that may be ahead of time (burst x interval). Changeable at
+/// runtime; a check that races a change may see the old interval with the
+/// new capacity once.
+#[derive(Debug)]
+pub(crate) struct Rate {
+    interval: AtomicU64,
+    capacity: AtomicU64,
+}
+
+/// `n` requests can never be admitted: more than the burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Never;
+
+impl Rate {
+    pub(crate) fn new(interval: u64, burst: u32) -> Self {
+        Rate {
+            interval: AtomicU64::new(interval),
+            capacity: AtomicU64::new(interval.saturating_mul(u64::from(burst))),
+        }
+    }
+
+    fn set(&self, interval: u64, burst: u32) {
+        self.interval.store(interval, Ordering::Relaxed);
+        self.capacity
+            .store(interval.saturating_mul(u64::from(burst)), Ordering::Relaxed);
+    }
+
+    /// The GCRA decision for `n` requests at `now` given the stored TAT (0:
+    /// none): the new TAT, or the nanoseconds until it would be admitted.
+    #[inline]
+    pub(crate) fn decide(&self, tat: u64, now: u64, n: u32) -> Result<u64, Result<u64, Never>> {
+        let increment = u64::from(n).saturating_mul(self.interval.load(Ordering::Relaxed));
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        if increment > capacity {
+            return Err(Err(Never));
+        }
+        let new_tat = tat.max(now).saturating_add(increment);
+        let ahead = new_tat - now;
+        if ahead <= capacity {
+            Ok(new_tat)
+        } else {
+            Err(Ok(ahead - capacity))
+        }
+    }
+}
+
+fn interval_of(per_second: f64) -> Result<u64, ConfigError> {
+    if !(per_second.is_finite() && per_second > 0.0) {
+        return Err(ConfigError::new(
+            "requests_per_second",
+            format!("must be a number above 0, got {per_second}"),
+        ));
+    }
+    let nanos = 1e9 / per_second;
+    if nanos < 1.0 {
+        return Err(ConfigError::new(
+            "requests_per_second",
+            format!("at most 1e9 (one a nanosecond), got {per_second}"),
+        ));
+    }
+    Ok(nanos.round() as u64)
+}
+
+fn check_burst(burst: u32) -> Result<(), ConfigError> {
+    if burst == 0 {
+        return Err(ConfigError::new("burst", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Builds a [`RateLimiter`] or a [`KeyedRateLimiter`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    name: Arc<str>,
+    per_second: f64,
+    burst: u32,
+    clock: Option<SharedClock>,
+}
+
+impl Builder {
+    /// The sustained rate, in requests a second (default 100).
+    pub fn per_second(mut self, rate: f64) -> Self {
+        self.per_second = rate;
+        self
+    }
+
+    /// Requests admitted at once after a quiet period (default 1).
+    pub fn burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    /// The clock (default [`MonotonicClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    fn parts(self) -> Result<(Arc<str>, Rate, ClockSource), ConfigError> {
+        let interval = interval_of(self.per_second)?;
+        check_burst(self.burst)?;
+        Ok((
+            self.name,
+            Rate::new(interval, self.burst),
+            ClockSource::new(self.clock),
+        ))
+    }
+
+    /// A limiter for all callers together.
+    pub fn build(self) -> Result<RateLimiter, ConfigError> {
+        let (name, rate, clock) = self.parts()?;
+        Ok(RateLimiter {
+            inner: Arc::new(Inner {
+                name,
+                rate,
+                clock,
+                tat: Padded(AtomicU64::new(0)),
+            }),
+        })
+    }
+
+    /// A limiter per key (user, API key, address) in the in-memory store,
+    /// which keeps at most `max_keys` keys (idle keys are forgotten first).
+    pub fn build_keyed<K>(self, max_keys: usize) -> Result<KeyedRateLimiter<K>, ConfigError>
+    where
+        K: std::hash::Hash + Eq + Clone,
+    {
+        if max_keys == 0 {
+            return Err(ConfigError::new("max_keys", "must be at least 1"));
+        }
+        let (name, rate, clock) = self.parts()?;
+        Ok(KeyedRateLimiter::new(
+            name,
+            rate,
+            clock,
+            InMemoryStore::new(max_keys),
+        ))
+    }
+
+    /// A limiter per key, its state in `store` (shared between instances
+    /// when the store is).
+    pub fn build_keyed_with<K, S>(self, store: S) -> Result<KeyedRateLimiter<K, S>, ConfigError>
+    where
+        S: StateStore<K>,
+    {
+        let (name, rate, clock) = self.parts()?;
+        Ok(KeyedRateLimiter::new(name, rate, clock, store))
+    }
+}
+
+/// A GCRA rate limiter for all its callers together: one `AtomicU64`,
+/// lock-free. A cheap, cloneable handle.
+#[derive(Clone)]
+pub struct RateLimiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    rate: Rate,
+    clock: ClockSource,
+    /// On a cache line of its own: every admission writes it, and the rate
+    /// and clock beside it are read by every check on every core.
+    tat: Padded,
+}
+
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("name", &self.inner.name)
+            .field("rate", &self.inner.rate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// A builder for a limiter called `name`: 100 a second, burst 1.
+    pub fn builder(name: impl Into<Arc<str>>) -> Builder {
+        Builder {
+            name: name.into(),
+            per_second: 100.0,
+            burst: 1,
+            clock: None,
+        }
+    }
+
+    /// Admits one request, or says when it would be admitted.
+    #[inline]
+    pub fn check(&self) -> Result<(), RateLimited> {
+        self.check_n(1)
+    }
+
+    /// Admits `n` requests at once, or none. `n` above the burst can never be
+    /// admitted: `retry_after` is then `Duration::MAX`.
+    #[inline]
+    pub fn check_n(&self, n: u32) -> Result<(), RateLimited> {
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        let mut tat = inner.tat.0.load(Ordering::Acquire);
+        loop {
+            match inner.rate.decide(tat, now, n) {
+                Ok(new_tat) => match inner.tat.0.compare_exchange_weak(
+                    tat,
+                    new_tat,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return Ok(()),
+                    Err(actual) => tat = actual,
+                },
+                Err(wait) => return Err(self.limited(wait)),
+            }
+        }
+    }
+
+    /// Waits until one request is admitted (on tokio's timer).
+    pub async fn until_ready(&self) {
+        while let Err(limited) = self.check() {
+            tokio::time::sleep(limited.retry_after).await;
+        }
+    }
+
+    /// Changes the rate and burst; takes effect for the next request.
+    pub fn set_rate(&self, per_second: f64, burst: u32) -> Result<(), ConfigError> {
+        let interval = interval_of(per_second)?;
+        check_burst(burst)?;
+        self.inner.rate.set(interval, burst);
+        Ok(())
+    }
+
+    /// Runs `op` if the rate allows it now.
+    pub async fn call<T, E, F, Fut>(&self, op: F) -> Result<T, Error<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        self.check()?;
+        op().await.map_err(Error::Inner)
+    }
+
+    #[cold]
+    fn limited(&self, wait: Result<u64, Never>) -> RateLimited {
+        let retry_after = match wait {
+            Ok(nanos) => Duration::from_nanos(nanos),
+            Err(Never) => Duration::MAX,
+        };
+        tracing::debug!(target: "keel::rate_limit", limiter = %self.inner.name, ?retry_after, "rate limited");
+        RateLimited { retry_after }
+    }
+}
