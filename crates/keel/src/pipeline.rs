@@ -36,6 +36,7 @@ use std::future::Future;
 use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;
 use crate::classify::{classify_lifted, Classify, DefaultClassifier};
+use crate::rate_limit::RateLimiter;
 use crate::retry::Retry;
 use crate::timeout::Timeout;
 use crate::Error;
@@ -177,6 +178,21 @@ impl Step for Bulkhead {
     }
 }
 
+impl sealed::Sealed for RateLimiter {}
+impl Step for RateLimiter {
+    async fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        self.check()?;
+        op().await
+    }
+}
+
 /// Policies composed around closure calls. Build with [`Pipeline::builder`].
 #[derive(Debug, Clone)]
 pub struct Pipeline<S = Identity, C = DefaultClassifier> {
@@ -234,6 +250,12 @@ impl<S, C> PipelineBuilder<S, C> {
     /// Adds a bulkhead (a handle: its seats are shared with its other users).
     pub fn bulkhead(self, bulkhead: Bulkhead) -> PipelineBuilder<Stack<S, Bulkhead>, C> {
         self.push(bulkhead)
+    }
+
+    /// Adds a rate limiter: calls over the rate fail with
+    /// `Error::RateLimited { retry_after }` without running.
+    pub fn rate_limit(self, limiter: RateLimiter) -> PipelineBuilder<Stack<S, RateLimiter>, C> {
+        self.push(limiter)
     }
 
     /// Sets the classifier every step uses (default: `Ok` succeeds, `Err`

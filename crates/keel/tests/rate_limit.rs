@@ -285,3 +285,36 @@ proptest! {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_pipeline_step_and_tower_layer_share_the_limit() {
+    use keel::rate_limit::RateLimitLayer;
+    use keel::Pipeline;
+    use tower::{Service, ServiceExt};
+
+    let l = RateLimiter::builder("api")
+        .per_second(1.0)
+        .burst(2)
+        .clock(TokioClock::new())
+        .build()
+        .unwrap();
+    let pipeline = Pipeline::builder().rate_limit(l.clone()).build();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(RateLimitLayer::new(l.clone()))
+        .service_fn(|()| async { Ok::<_, std::io::Error>("ok") });
+
+    assert_eq!(pipeline.call(|| async { Ok::<_, ()>(1) }).await, Ok(1));
+    assert_eq!(svc.ready().await.unwrap().call(()).await.unwrap(), "ok");
+    let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::RateLimited { retry_after } if retry_after == Duration::from_secs(1))
+    );
+    assert_eq!(
+        pipeline.call(|| async { Ok::<_, ()>(2) }).await,
+        Err(Error::RateLimited {
+            retry_after: Duration::from_secs(1)
+        })
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(pipeline.call(|| async { Ok::<_, ()>(3) }).await, Ok(3));
+}

@@ -4,12 +4,12 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Never, Rate, RateLimited};
 use crate::clock::ClockSource;
-use crate::sync::lock;
+use crate::sync::{lock, Mutex};
 
 /// Where a keyed limiter keeps its state: one `u64` per key (the key's
 /// theoretical arrival time in the limiter's clock's nanoseconds; 0 means

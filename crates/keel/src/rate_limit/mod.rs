@@ -34,8 +34,12 @@
 //! ```
 
 mod keyed;
+#[cfg(feature = "tower")]
+mod layer;
 
 pub use keyed::{InMemoryStore, KeyedRateLimiter, StateStore};
+#[cfg(feature = "tower")]
+pub use layer::{RateLimitLayer, RateLimitService, ResponseFuture};
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
