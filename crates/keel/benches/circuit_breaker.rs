@@ -2,10 +2,11 @@
 //! run. See docs/BENCHMARKS.md for results and how to read them.
 
 use std::hint::black_box;
-use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+mod support;
 use keel::circuit_breaker::{CircuitBreaker, Window};
 use keel::clock::ManualClock;
 
@@ -72,40 +73,13 @@ fn time_window_size(c: &mut Criterion) {
 /// Reported per call and thread.
 fn two_threads(c: &mut Criterion) {
     let mut g = c.benchmark_group("breaker_two_threads");
-    let run = |cb: CircuitBreaker| {
-        move |iters: u64| {
-            let barrier = Barrier::new(2);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..2)
-                    .map(|_| {
-                        let cb = cb.clone();
-                        let barrier = &barrier;
-                        s.spawn(move || {
-                            barrier.wait();
-                            let start = Instant::now();
-                            for _ in 0..iters {
-                                black_box(&cb).try_acquire().unwrap().success();
-                            }
-                            start.elapsed()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap())
-                    .max()
-                    .unwrap()
-            })
-        }
-    };
+    let count = keel_breaker(Window::Count(100), false);
     g.bench_function("keel_count_window", |b| {
-        b.iter_custom(run(keel_breaker(Window::Count(100), false)))
+        b.iter_custom(|n| support::on_two_threads(n, || count.try_acquire().unwrap().success()))
     });
+    let time = keel_breaker(Window::Time(Duration::from_secs(10)), false);
     g.bench_function("keel_time_window", |b| {
-        b.iter_custom(run(keel_breaker(
-            Window::Time(Duration::from_secs(10)),
-            false,
-        )))
+        b.iter_custom(|n| support::on_two_threads(n, || time.try_acquire().unwrap().success()))
     });
     g.finish();
 }
@@ -150,35 +124,19 @@ mod peers {
 /// The breaker as tower middleware: keel's layer against
 /// tower-resilience's, over a service that answers at once.
 fn tower_service(c: &mut Criterion) {
-    use tower::{Layer, Service, ServiceExt};
+    use tower::Layer;
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    // Runs `iters` calls through `svc` inside one runtime entry.
-    fn measure<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64) -> Duration
-    where
-        S: Service<()>,
-        S::Error: std::fmt::Debug,
-    {
-        rt.block_on(async {
-            let start = Instant::now();
-            for _ in 0..iters {
-                let r = svc.ready().await.unwrap().call(()).await;
-                black_box(r.is_ok());
-            }
-            start.elapsed()
-        })
-    }
+    let rt = support::runtime();
 
     let inner = tower::service_fn(|()| async { Ok::<u64, std::io::Error>(black_box(7)) });
     let mut g = c.benchmark_group("breaker_tower_service");
-    g.bench_function("no_breaker", |b| b.iter_custom(|n| measure(&rt, inner, n)));
+    g.bench_function("no_breaker", |b| {
+        b.iter_custom(|n| support::service_calls(&rt, inner, n))
+    });
     let keel =
         keel::circuit_breaker::CircuitBreakerLayer::new(keel_breaker(Window::Count(100), false));
     g.bench_function("keel", |b| {
-        b.iter_custom(|n| measure(&rt, keel.layer(inner), n))
+        b.iter_custom(|n| support::service_calls(&rt, keel.layer(inner), n))
     });
     let peer = tower_resilience_circuitbreaker::CircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
@@ -186,7 +144,7 @@ fn tower_service(c: &mut Criterion) {
         .build()
         .unwrap();
     g.bench_function("tower_resilience", |b| {
-        b.iter_custom(|n| measure(&rt, peer.layer(inner), n))
+        b.iter_custom(|n| support::service_calls(&rt, peer.layer(inner), n))
     });
     g.finish();
 }

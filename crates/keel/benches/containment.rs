@@ -2,22 +2,16 @@
 //! docs/BENCHMARKS.md.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+
+mod support;
 use keel::bulkhead::{Bulkhead, BulkheadLayer};
 use tokio::sync::Semaphore;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap()
-}
-
 /// Acquire and release one seat with seats free: the cost every call pays.
 fn bulkhead(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = support::runtime();
     let keel = Bulkhead::builder("bench")
         .max_concurrent(100)
         .build()
@@ -45,30 +39,20 @@ fn bulkhead(c: &mut Criterion) {
     g.finish();
 
     // As tower middleware around a service that answers at once.
-    use tower::{Layer, Service, ServiceExt};
-    fn measure<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64) -> Duration
-    where
-        S: Service<()>,
-        S::Error: std::fmt::Debug,
-    {
-        rt.block_on(async {
-            let start = Instant::now();
-            for _ in 0..iters {
-                let r = svc.ready().await.unwrap().call(()).await;
-                black_box(r.is_ok());
-            }
-            start.elapsed()
-        })
-    }
+    use tower::Layer;
     let inner = tower::service_fn(|()| async { Ok::<u64, std::io::Error>(black_box(7)) });
     let mut g = c.benchmark_group("bulkhead_tower_service");
-    g.bench_function("no_limit", |b| b.iter_custom(|n| measure(&rt, inner, n)));
+    g.bench_function("no_limit", |b| {
+        b.iter_custom(|n| support::service_calls(&rt, inner, n))
+    });
     g.bench_function("tower_concurrency_limit", |b| {
-        b.iter_custom(|n| measure(&rt, tower::limit::ConcurrencyLimit::new(inner, 100), n))
+        b.iter_custom(|n| {
+            support::service_calls(&rt, tower::limit::ConcurrencyLimit::new(inner, 100), n)
+        })
     });
     let layer = BulkheadLayer::new(keel.clone());
     g.bench_function("keel", |b| {
-        b.iter_custom(|n| measure(&rt, layer.layer(inner), n))
+        b.iter_custom(|n| support::service_calls(&rt, layer.layer(inner), n))
     });
     g.finish();
 }
@@ -97,34 +81,20 @@ fn rate_limiter(c: &mut Criterion) {
     g.finish();
 
     // Both cores checking one limiter; reported per check and thread.
-    fn two_threads(iters: u64, check: impl Fn() -> bool + Sync) -> Duration {
-        let barrier = std::sync::Barrier::new(2);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..2)
-                .map(|_| {
-                    s.spawn(|| {
-                        barrier.wait();
-                        let start = Instant::now();
-                        for _ in 0..iters {
-                            black_box(check());
-                        }
-                        start.elapsed()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .max()
-                .unwrap()
-        })
-    }
     let mut g = c.benchmark_group("rate_limit_check_two_threads");
     g.bench_function("keel", |b| {
-        b.iter_custom(|n| two_threads(n, || keel.check().is_ok()))
+        b.iter_custom(|n| {
+            support::on_two_threads(n, || {
+                black_box(keel.check().is_ok());
+            })
+        })
     });
     g.bench_function("governor", |b| {
-        b.iter_custom(|n| two_threads(n, || governor.check().is_ok()))
+        b.iter_custom(|n| {
+            support::on_two_threads(n, || {
+                black_box(governor.check().is_ok());
+            })
+        })
     });
     g.finish();
 
