@@ -1,9 +1,10 @@
 //! A GCRA limiter per key, its state behind [`StateStore`].
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
+
+use hashbrown::HashTable;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,12 +47,16 @@ const SHARDS: usize = 16;
 /// would be decided the same without their state); if that frees nothing,
 /// it forgets the quarter of its keys closest to idle, which lets those keys'
 /// next requests through early. Memory is bounded by `max_keys` whatever the
-/// number of distinct keys, and an insert costs O(1) amortized.
+/// number of distinct keys, and an insert costs O(1) amortized. A key is
+/// hashed once: the hash picks the shard and finds the key in it.
 pub struct InMemoryStore<K> {
     hasher: RandomState,
     per_shard: usize,
-    shards: Box<[Mutex<HashMap<K, u64>>]>,
+    shards: Box<[Mutex<Shard<K>>]>,
 }
+
+/// Keys and their theoretical arrival times.
+type Shard<K> = HashTable<(K, u64)>;
 
 impl<K> fmt::Debug for InMemoryStore<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -67,7 +72,7 @@ impl<K: Hash + Eq + Clone> InMemoryStore<K> {
         InMemoryStore {
             hasher: RandomState::new(),
             per_shard: max_keys.div_ceil(SHARDS).max(1),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
         }
     }
 
@@ -81,56 +86,76 @@ impl<K: Hash + Eq + Clone> InMemoryStore<K> {
         self.len() == 0
     }
 
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, u64>> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    /// The key's hash and its shard (chosen by the hash's high bits; the
+    /// table inside uses the low ones).
+    fn locate(&self, key: &K) -> (u64, &Mutex<Shard<K>>) {
+        let hash = self.hasher.hash_one(key);
+        (hash, &self.shards[(hash >> 60) as usize % SHARDS])
+    }
+
+    fn rehash(&self) -> impl Fn(&(K, u64)) -> u64 + '_ {
+        move |(k, _)| self.hasher.hash_one(k)
     }
 
     /// Makes room in a full shard: forgets idle keys and, if that is not
     /// enough, the quarter of keys closest to idle, so that a shard full of
     /// active keys is swept once per quarter of its size, not on every insert.
-    fn make_room(&self, map: &mut HashMap<K, u64>, now: u64) {
-        map.retain(|_, tat| *tat > now);
-        if map.len() >= self.per_shard {
-            let mut tats: Vec<u64> = map.values().copied().collect();
+    fn make_room(&self, table: &mut Shard<K>, now: u64) {
+        table.retain(|(_, tat)| *tat > now);
+        if table.len() >= self.per_shard {
+            let mut tats: Vec<u64> = table.iter().map(|(_, tat)| *tat).collect();
             let quarter = tats.len() / 4;
             let (_, threshold, _) = tats.select_nth_unstable(quarter);
             let threshold = *threshold;
-            map.retain(|_, tat| *tat > threshold);
+            table.retain(|(_, tat)| *tat > threshold);
         }
     }
 
-    fn store(&self, map: &mut HashMap<K, u64>, key: &K, new: u64, now: u64) {
-        if let Some(v) = map.get_mut(key) {
+    fn store(&self, table: &mut Shard<K>, hash: u64, key: &K, new: u64, now: u64) {
+        if let Some((_, v)) = table.find_mut(hash, |(k, _)| k == key) {
             *v = new;
             return;
         }
-        if map.len() >= self.per_shard {
-            self.make_room(map, now);
+        if table.len() >= self.per_shard {
+            self.make_room(table, now);
         }
-        map.insert(key.clone(), new);
+        table.insert_unique(hash, (key.clone(), new), self.rehash());
     }
 }
 
 impl<K: Hash + Eq + Clone> StateStore<K> for InMemoryStore<K> {
     fn load(&self, key: &K) -> u64 {
-        lock(self.shard(key)).get(key).copied().unwrap_or(0)
+        let (hash, shard) = self.locate(key);
+        lock(shard)
+            .find(hash, |(k, _)| k == key)
+            .map_or(0, |(_, v)| *v)
     }
 
     fn compare_and_swap(&self, key: &K, current: u64, new: u64, now: u64) -> Result<(), u64> {
-        let mut map = lock(self.shard(key));
-        let held = map.get(key).copied().unwrap_or(0);
+        let (hash, shard) = self.locate(key);
+        let mut table = lock(shard);
+        let held = table.find(hash, |(k, _)| k == key).map_or(0, |(_, v)| *v);
         if held != current {
             return Err(held);
         }
-        self.store(&mut map, key, new, now);
+        self.store(&mut table, hash, key, new, now);
         Ok(())
     }
 
     fn update(&self, key: &K, now: u64, decide: &mut dyn FnMut(u64) -> Option<u64>) {
-        let mut map = lock(self.shard(key));
-        let held = map.get(key).copied().unwrap_or(0);
-        if let Some(new) = decide(held) {
-            self.store(&mut map, key, new, now);
+        let (hash, shard) = self.locate(key);
+        let mut table = lock(shard);
+        match table.find_mut(hash, |(k, _)| k == key) {
+            Some((_, v)) => {
+                if let Some(new) = decide(*v) {
+                    *v = new;
+                }
+            }
+            None => {
+                if let Some(new) = decide(0) {
+                    self.store(&mut table, hash, key, new, now);
+                }
+            }
         }
     }
 }
