@@ -1,7 +1,12 @@
 //! The one error type every keel policy returns, and configuration errors.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use pin_project_lite::pin_project;
 
 /// A boxed error, as tower middleware passes errors around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -185,6 +190,30 @@ pub(crate) fn lift_boxed(e: impl Into<BoxError>) -> Error<ServiceError> {
             Ok(inner) => Error::Inner(*inner),
             Err(other) => Error::Inner(ServiceError(other)),
         },
+    }
+}
+
+pin_project! {
+    /// An operation's future with its error lifted into [`Error::Inner`]: how
+    /// every policy's `call` turns the user's operation into a step's.
+    pub(crate) struct LiftErr<Fut> {
+        #[pin]
+        fut: Fut,
+    }
+}
+
+impl<Fut> LiftErr<Fut> {
+    pub(crate) fn new(fut: Fut) -> Self {
+        LiftErr { fut }
+    }
+}
+
+impl<T, E, Fut: Future<Output = Result<T, E>>> Future for LiftErr<Fut> {
+    type Output = Result<T, Error<E>>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().fut.poll(cx).map(|r| r.map_err(Error::Inner))
     }
 }
 

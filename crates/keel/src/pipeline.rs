@@ -36,6 +36,7 @@ use std::future::Future;
 use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;
 use crate::classify::{classify_lifted, Classify, DefaultClassifier};
+use crate::error::LiftErr;
 use crate::rate_limit::RateLimiter;
 use crate::retry::Retry;
 use crate::timeout::Timeout;
@@ -284,10 +285,8 @@ impl<S: Step, C> Pipeline<S, C> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let lifted = || {
-            let fut = op();
-            async move { fut.await.map_err(Error::Inner) }
-        };
-        self.steps.run(&self.classifier, lifted).await
+        self.steps
+            .run(&self.classifier, || LiftErr::new(op()))
+            .await
     }
 }

@@ -7,7 +7,7 @@ use keel::bulkhead::{Bulkhead, BulkheadConfig, BulkheadLayer, OwnedPermit};
 use keel::{Error, Pipeline};
 use proptest::prelude::*;
 use tokio_test::task::{spawn, Spawn};
-use tokio_test::{assert_pending, assert_ready, assert_ready_err, assert_ready_ok};
+use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -149,7 +149,7 @@ async fn the_tower_layer_waits_in_poll_ready_when_a_queue_is_configured() {
     assert_eq!(b.metrics().in_use, 1);
     assert_eq!(response.await.unwrap(), 1);
     assert_eq!(b.metrics().in_use, 0);
-    let _ = assert_ready!(svc.poll_ready());
+    assert_ready_ok!(svc.poll_ready());
 }
 
 #[test]

@@ -100,6 +100,8 @@ async fn retry_does_not_wait_for_an_open_breaker_past_its_time_budget() {
         .retry(
             Retry::builder()
                 .max_attempts(5)
+                .backoff(Backoff::constant(100 * MS))
+                .jitter(Jitter::None)
                 .time_budget(Duration::from_secs(5))
                 .build()
                 .unwrap(),
@@ -113,14 +115,15 @@ async fn retry_does_not_wait_for_an_open_breaker_past_its_time_budget() {
             async { Err::<(), _>("down") }
         })
         .await;
-    // The first failure opened the breaker for 30 s; retrying would mean
-    // waiting past the 5 s budget, so retry gives up at once.
+    // The first failure opened the breaker for 30 s. After the 100 ms
+    // backoff the second attempt is rejected; waiting the breaker's 29.9 s
+    // would pass the 5 s budget, so retry gives up then and there.
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert!(start.elapsed() < Duration::from_secs(1));
+    assert_eq!(start.elapsed(), 100 * MS);
     match result {
         Err(Error::RetriesExhausted { last, .. }) => {
             assert!(
-                matches!(*last, Error::CircuitOpen { retry_after } if retry_after > Duration::from_secs(29))
+                matches!(*last, Error::CircuitOpen { retry_after } if retry_after == Duration::from_secs(30) - 100 * MS)
             )
         }
         other => panic!("expected RetriesExhausted, got {other:?}"),

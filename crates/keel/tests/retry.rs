@@ -15,16 +15,21 @@ use tokio::time::Instant;
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
 
-/// Runs `retry` over an operation that fails `failures` times, returning the
-/// result and the offsets (from the start) at which each attempt began.
-async fn attempts_at(
+/// Runs `retry` (deciding with `classifier`) over an operation that fails
+/// `failures` times, returning the result and the offsets (from the start) at
+/// which each attempt began.
+async fn attempts_classified<C>(
     retry: &Retry,
+    classifier: &C,
     failures: u32,
-) -> (Result<u32, Error<&'static str>>, Vec<Duration>) {
+) -> (Result<u32, Error<&'static str>>, Vec<Duration>)
+where
+    C: keel::classify::Classify<u32, &'static str>,
+{
     let start = Instant::now();
     let times = Mutex::new(Vec::new());
     let result = retry
-        .call(|| {
+        .call_classified(classifier, || {
             let n = {
                 let mut t = times.lock().unwrap();
                 t.push(start.elapsed());
@@ -40,6 +45,14 @@ async fn attempts_at(
         })
         .await;
     (result, times.into_inner().unwrap())
+}
+
+/// [`attempts_classified`] with the default classifier.
+async fn attempts_at(
+    retry: &Retry,
+    failures: u32,
+) -> (Result<u32, Error<&'static str>>, Vec<Duration>) {
+    attempts_classified(retry, &keel::classify::DefaultClassifier, failures).await
 }
 
 fn gaps(times: &[Duration]) -> Vec<Duration> {
@@ -144,37 +157,19 @@ async fn with_hint(
     retry: &Retry,
     hint: Duration,
     failures: u32,
-) -> (Result<(), Error<()>>, Vec<Duration>) {
-    let start = Instant::now();
-    let times = Mutex::new(Vec::new());
-    let classifier = move |r: &Result<(), ()>| match r {
-        Ok(()) => Verdict::success(),
-        Err(()) => Verdict::failure().retry_after(hint),
+) -> (Result<u32, Error<&'static str>>, Vec<Duration>) {
+    let classifier = move |r: &Result<u32, &'static str>| match r {
+        Ok(_) => Verdict::success(),
+        Err(_) => Verdict::failure().retry_after(hint),
     };
-    let result = retry
-        .call_classified(&classifier, || {
-            let n = {
-                let mut t = times.lock().unwrap();
-                t.push(start.elapsed());
-                t.len() as u32
-            };
-            async move {
-                if n <= failures {
-                    Err(())
-                } else {
-                    Ok(())
-                }
-            }
-        })
-        .await;
-    (result, times.into_inner().unwrap())
+    attempts_classified(retry, &classifier, failures).await
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_server_hint_replaces_the_computed_delay() {
     let retry = no_jitter(Backoff::constant(10 * MS), 3);
     let (result, times) = with_hint(&retry, 3 * SEC, 2).await;
-    assert_eq!(result, Ok(()));
+    assert_eq!(result, Ok(3));
     assert_eq!(gaps(&times), [3 * SEC, 3 * SEC]);
 }
 

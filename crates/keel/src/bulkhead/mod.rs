@@ -276,11 +276,8 @@ impl Bulkhead {
         if let Ok(seat) = self.inner.seats.try_acquire() {
             return Ok(Permit { _seat: seat });
         }
-        let _place = self.enqueue()?;
-        match tokio::time::timeout(self.inner.queue_timeout, self.inner.seats.acquire()).await {
-            Ok(Ok(seat)) => Ok(Permit { _seat: seat }),
-            _ => Err(self.reject("waited queue_timeout for a seat")),
-        }
+        let seat = self.wait(self.inner.seats.acquire()).await?;
+        Ok(Permit { _seat: seat })
     }
 
     /// Like [`acquire`](Self::acquire), with an owned permit.
@@ -289,15 +286,26 @@ impl Bulkhead {
     ) -> impl Future<Output = Result<OwnedPermit, BulkheadFull>> + Send + 'static {
         let this = self.clone();
         async move {
-            if let Ok(seat) = this.inner.seats.clone().try_acquire_owned() {
+            let seats = this.inner.seats.clone();
+            if let Ok(seat) = seats.clone().try_acquire_owned() {
                 return Ok(OwnedPermit { _seat: seat });
             }
-            let _place = this.enqueue()?;
-            let seats = this.inner.seats.clone();
-            match tokio::time::timeout(this.inner.queue_timeout, seats.acquire_owned()).await {
-                Ok(Ok(seat)) => Ok(OwnedPermit { _seat: seat }),
-                _ => Err(this.reject("waited queue_timeout for a seat")),
-            }
+            let seat = this.wait(seats.acquire_owned()).await?;
+            Ok(OwnedPermit { _seat: seat })
+        }
+    }
+
+    /// Waits for `seat` (the semaphore's acquire) in a place in the queue,
+    /// for at most `queue_timeout`.
+    async fn wait<P>(
+        &self,
+        seat: impl Future<Output = Result<P, tokio::sync::AcquireError>>,
+    ) -> Result<P, BulkheadFull> {
+        let _place = self.enqueue()?;
+        match tokio::time::timeout(self.inner.queue_timeout, seat).await {
+            Ok(Ok(seat)) => Ok(seat),
+            // The semaphore is never closed: only the timeout ends a wait.
+            _ => Err(self.reject("waited queue_timeout for a seat")),
         }
     }
 

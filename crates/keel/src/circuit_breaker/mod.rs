@@ -346,7 +346,7 @@ impl Builder {
     }
 
     /// The clock calls are timed and open states are measured with
-    /// (default [`MonotonicClock`]).
+    /// (default [`MonotonicClock`](crate::clock::MonotonicClock)).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -492,6 +492,14 @@ struct Ticket {
 
 /// A ticket's state once its outcome is recorded (not a breaker state).
 const DONE: u64 = STATE_MASK;
+
+/// For `Debug`: the state a permit was admitted in, or that it is recorded.
+fn ticket_state(ticket: Ticket) -> &'static str {
+    match ticket.state() {
+        DONE => "recorded",
+        state => state_of(state).as_str(),
+    }
+}
 
 impl Ticket {
     fn new(state: u64, word: u64, start: u64) -> Self {
@@ -1017,7 +1025,7 @@ impl fmt::Debug for Permit<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
             .field("breaker", &self.shared.name)
-            .field("state", &state_of(self.ticket.state()).as_str())
+            .field("admitted_in", &ticket_state(self.ticket))
             .finish()
     }
 }
@@ -1065,7 +1073,7 @@ impl fmt::Debug for OwnedPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OwnedPermit")
             .field("breaker", &self.breaker.shared.name)
-            .field("state", &state_of(self.ticket.state()).as_str())
+            .field("admitted_in", &ticket_state(self.ticket))
             .finish()
     }
 }

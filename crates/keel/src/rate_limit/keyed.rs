@@ -6,9 +6,8 @@ use std::hash::{BuildHasher, Hash};
 
 use hashbrown::HashTable;
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::{Never, Rate, RateLimited};
+use super::{limited, Rate, RateLimited};
 use crate::clock::ClockSource;
 use crate::sync::{lock, Mutex};
 
@@ -216,13 +215,6 @@ impl<K, S: StateStore<K>> KeyedRateLimiter<K, S> {
                     None
                 }
             });
-        verdict.map_err(|wait| {
-            let retry_after = match wait {
-                Ok(nanos) => Duration::from_nanos(nanos),
-                Err(Never) => Duration::MAX,
-            };
-            tracing::debug!(target: "keel::rate_limit", limiter = %self.name, ?retry_after, "rate limited");
-            RateLimited { retry_after }
-        })
+        verdict.map_err(|retry_after| limited(&self.name, retry_after))
     }
 }

@@ -115,10 +115,6 @@ pub(crate) struct Rate {
     capacity: AtomicU64,
 }
 
-/// `n` requests can never be admitted: more than the burst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Never;
-
 impl Rate {
     pub(crate) fn new(interval: u64, burst: u32) -> Self {
         Rate {
@@ -134,20 +130,21 @@ impl Rate {
     }
 
     /// The GCRA decision for `n` requests at `now` given the stored TAT (0:
-    /// none): the new TAT, or the nanoseconds until it would be admitted.
+    /// none): the new TAT, or how long until they would be admitted
+    /// (`Duration::MAX` for more than the burst: never).
     #[inline]
-    pub(crate) fn decide(&self, tat: u64, now: u64, n: u32) -> Result<u64, Result<u64, Never>> {
+    pub(crate) fn decide(&self, tat: u64, now: u64, n: u32) -> Result<u64, Duration> {
         let increment = u64::from(n).saturating_mul(self.interval.load(Ordering::Relaxed));
         let capacity = self.capacity.load(Ordering::Relaxed);
         if increment > capacity {
-            return Err(Err(Never));
+            return Err(Duration::MAX);
         }
         let new_tat = tat.max(now).saturating_add(increment);
         let ahead = new_tat - now;
         if ahead <= capacity {
             Ok(new_tat)
         } else {
-            Err(Ok(ahead - capacity))
+            Err(Duration::from_nanos(ahead - capacity))
         }
     }
 }
@@ -198,7 +195,7 @@ impl Builder {
         self
     }
 
-    /// The clock (default [`MonotonicClock`]).
+    /// The clock (default [`MonotonicClock`](crate::clock::MonotonicClock)).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -319,7 +316,7 @@ impl RateLimiter {
                     Ok(_) => return Ok(()),
                     Err(actual) => tat = actual,
                 },
-                Err(wait) => return Err(self.limited(wait)),
+                Err(retry_after) => return Err(limited(&inner.name, retry_after)),
             }
         }
     }
@@ -348,14 +345,11 @@ impl RateLimiter {
         self.check()?;
         op().await.map_err(Error::Inner)
     }
+}
 
-    #[cold]
-    fn limited(&self, wait: Result<u64, Never>) -> RateLimited {
-        let retry_after = match wait {
-            Ok(nanos) => Duration::from_nanos(nanos),
-            Err(Never) => Duration::MAX,
-        };
-        tracing::debug!(target: "keel::rate_limit", limiter = %self.inner.name, ?retry_after, "rate limited");
-        RateLimited { retry_after }
-    }
+/// A rejection, traced.
+#[cold]
+fn limited(name: &str, retry_after: Duration) -> RateLimited {
+    tracing::debug!(target: "keel::rate_limit", limiter = %name, ?retry_after, "rate limited");
+    RateLimited { retry_after }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::{duration_nanos, Clock, MonotonicClock, SharedClock};
+use crate::clock::{duration_nanos, Clock, ClockSource, SharedClock};
 use crate::window::TimeBuckets;
 use crate::ConfigError;
 
@@ -45,7 +45,7 @@ pub struct RetryBudget {
 struct Inner {
     ratio: f64,
     reserve: f64,
-    clock: SharedClock,
+    clock: ClockSource,
     window: TimeBuckets<2>,
 }
 
@@ -87,7 +87,7 @@ impl RetryBudgetBuilder {
         self
     }
 
-    /// The clock the window follows (default [`MonotonicClock`]).
+    /// The clock the window follows (default [`MonotonicClock`](crate::clock::MonotonicClock)).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -112,7 +112,7 @@ impl RetryBudgetBuilder {
             inner: Arc::new(Inner {
                 ratio: self.ratio,
                 reserve: f64::from(self.min_per_second) * self.ttl.as_secs_f64(),
-                clock: self.clock.unwrap_or_else(|| Arc::new(MonotonicClock)),
+                clock: ClockSource::new(self.clock),
                 window: TimeBuckets::new(BUCKETS, width),
             }),
         })

@@ -22,6 +22,7 @@ use tokio::time::Sleep;
 
 use super::{give_up, Config, GiveUp};
 use crate::classify::{classify_lifted, Classify, Verdict};
+use crate::error::LiftErr;
 use crate::Error;
 
 /// Makes the future of each attempt, with keel's error type.
@@ -40,7 +41,7 @@ where
 {
     type Future = LiftErr<Fut>;
     fn attempt(&self) -> LiftErr<Fut> {
-        LiftErr { fut: (self.0)() }
+        LiftErr::new((self.0)())
     }
 }
 
@@ -55,23 +56,6 @@ where
     type Future = Fut;
     fn attempt(&self) -> Fut {
         (self.0)()
-    }
-}
-
-pin_project! {
-    /// Maps an operation's error to [`Error::Inner`].
-    pub(crate) struct LiftErr<Fut> {
-        #[pin]
-        fut: Fut,
-    }
-}
-
-impl<T, E, Fut: Future<Output = Result<T, E>>> Future for LiftErr<Fut> {
-    type Output = Result<T, Error<E>>;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().fut.poll(cx).map(|r| r.map_err(Error::Inner))
     }
 }
 

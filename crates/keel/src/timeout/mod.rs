@@ -36,6 +36,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use crate::error::LiftErr;
 use crate::Error;
 
 /// A fixed timeout per call.
@@ -62,11 +63,7 @@ impl Timeout {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.run(|| {
-            let fut = op();
-            async move { fut.await.map_err(Error::Inner) }
-        })
-        .await
+        self.run(|| LiftErr::new(op())).await
     }
 
     pub(crate) async fn run<T, E, F, Fut>(&self, op: F) -> Result<T, Error<E>>
