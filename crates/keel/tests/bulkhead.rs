@@ -306,3 +306,137 @@ proptest! {
         })?;
     }
 }
+
+mod thread_pool {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    use keel::bulkhead::{ThreadPool, ThreadPoolConfig};
+
+    /// A job that blocks its thread until the test lets it go.
+    fn blocker(
+        pool: &ThreadPool,
+    ) -> (
+        keel::bulkhead::Run<()>,
+        mpsc::Sender<()>,
+        mpsc::Receiver<()>,
+    ) {
+        let (release, gate) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel::<()>();
+        let run = pool.run(move || {
+            let _ = started_tx.send(());
+            gate.recv().unwrap();
+        });
+        (run, release, started)
+    }
+
+    #[tokio::test]
+    async fn a_saturated_pool_does_not_delay_another() {
+        let slow = ThreadPool::builder("slow")
+            .threads(2)
+            .max_queue(2)
+            .build()
+            .unwrap();
+        let fast = ThreadPool::builder("fast")
+            .threads(1)
+            .max_queue(0)
+            .build()
+            .unwrap();
+
+        // Both of slow's threads block, and its queue fills up behind them.
+        let (a, release_a, started_a) = blocker(&slow);
+        let (b, release_b, started_b) = blocker(&slow);
+        started_a.recv().unwrap();
+        started_b.recv().unwrap();
+        let (c, release_c, _) = blocker(&slow);
+        let (d, release_d, _) = blocker(&slow);
+        let m = slow.metrics();
+        assert_eq!((m.busy, m.queued), (2, 2));
+        // Full: rejected at once, without running.
+        let ran = Arc::new(AtomicU32::new(0));
+        let r = ran.clone();
+        let full = slow
+            .run(move || r.fetch_add(1, Ordering::SeqCst))
+            .await
+            .unwrap_err();
+        assert_eq!(&*full.name, "slow");
+        assert_eq!(slow.metrics().rejected, 1);
+
+        // The other pool answers while slow's threads are still blocked.
+        let thread = fast
+            .run(|| std::thread::current().name().map(str::to_owned))
+            .await
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("fast-0"));
+        assert_eq!(slow.metrics().busy, 2, "slow's jobs were still blocked");
+
+        for release in [release_a, release_b, release_c, release_d] {
+            release.send(()).unwrap();
+        }
+        for run in [a, b, c, d] {
+            run.await.unwrap();
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        assert_eq!(slow.metrics().queued, 0);
+    }
+
+    #[tokio::test]
+    async fn a_job_withdrawn_before_it_starts_never_runs() {
+        let pool = ThreadPool::builder("p")
+            .threads(1)
+            .max_queue(4)
+            .build()
+            .unwrap();
+        let (a, release, started) = blocker(&pool);
+        started.recv().unwrap();
+        let ran = Arc::new(AtomicU32::new(0));
+        let r = ran.clone();
+        drop(pool.run(move || r.fetch_add(1, Ordering::SeqCst)));
+        release.send(()).unwrap();
+        a.await.unwrap();
+        // One thread, FIFO: once this job has run, the withdrawn one was
+        // taken off the queue before it.
+        assert_eq!(pool.run(|| 7).await.unwrap(), 7);
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_panics_its_caller_and_the_pool_lives_on() {
+        let pool = ThreadPool::builder("p")
+            .threads(1)
+            .max_queue(1)
+            .build()
+            .unwrap();
+        let caller = tokio::spawn(pool.run(|| panic!("job failed")));
+        let err = caller.await.unwrap_err();
+        assert!(err.is_panic());
+        assert_eq!(pool.run(|| 1 + 1).await.unwrap(), 2);
+        assert_eq!(pool.metrics().busy, 0);
+    }
+
+    #[test]
+    fn workers_exit_when_the_pool_is_dropped() {
+        let pool = ThreadPool::builder("short-lived")
+            .threads(2)
+            .build()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let done = pool.run(move || tx.send(()).unwrap());
+        drop(pool);
+        // The queued job still runs: dropping the pool drains its queue.
+        rx.recv().unwrap();
+        drop(done);
+    }
+
+    #[test]
+    fn configuration_names_the_field() {
+        let err = ThreadPool::builder("p").threads(0).build().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "threads: must be between 1 and 1024, got 0"
+        );
+        let err = toml::from_str::<ThreadPoolConfig>("thread = 2").unwrap_err();
+        assert!(err.to_string().contains("unknown field `thread`"), "{err}");
+    }
+}

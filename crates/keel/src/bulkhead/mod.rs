@@ -31,11 +31,17 @@
 //! that waits is served in arrival order, `try_acquire` never jumps the
 //! queue, and a permit (or a waiting future) that is dropped gives its seat
 //! (or its place) back, so a cancelled call never leaks one.
+//!
+//! For blocking work (a synchronous driver, file I/O, heavy computation)
+//! [`ThreadPool`] is the classic thread-pool bulkhead: the work runs on the
+//! dependency's own named threads behind a bounded queue.
 
 #[cfg(feature = "tower")]
 mod layer;
+mod pool;
 #[cfg(feature = "tower")]
 pub use layer::{BulkheadLayer, BulkheadService, ResponseFuture};
+pub use pool::{PoolMetrics, Run, ThreadPool, ThreadPoolBuilder, ThreadPoolConfig, MAX_THREADS};
 
 use std::fmt;
 use std::future::Future;
