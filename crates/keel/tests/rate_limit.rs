@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel::clock::{ManualClock, TokioClock};
-use keel::rate_limit::{RateLimitConfig, RateLimiter, StateStore};
+use keel::rate_limit::{Algorithm, RateLimitConfig, RateLimiter, StateStore};
 use keel::Error;
 use proptest::prelude::*;
 
@@ -281,6 +281,165 @@ proptest! {
                     count <= u64::from(burst) + elapsed / interval,
                     "{} admitted within {} ns (interval {}, burst {})", count, elapsed, interval, burst
                 );
+            }
+        }
+    }
+}
+
+// ---- the window algorithms ------------------------------------------------
+
+fn windowed(
+    algorithm: Algorithm,
+    limit: u32,
+    window: Duration,
+    clock: &ManualClock,
+) -> RateLimiter {
+    RateLimiter::builder("api")
+        .algorithm(algorithm)
+        .per_second(f64::from(limit) / window.as_secs_f64())
+        .window(window)
+        .clock(clock.clone())
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_sliding_log_counts_the_trailing_window_exactly() {
+    let clock = ManualClock::new();
+    let l = windowed(Algorithm::SlidingLog, 3, Duration::from_secs(1), &clock);
+    l.check().unwrap(); // t = 0
+    clock.advance(400 * MS);
+    l.check_n(2).unwrap(); // t = 400ms
+                           // Full until the admission at 0 leaves the window, at 1s.
+    assert_eq!(l.check().unwrap_err().retry_after, 600 * MS);
+    // Two need the ones at 400ms gone too.
+    assert_eq!(l.check_n(2).unwrap_err().retry_after, 1000 * MS);
+    clock.advance(600 * MS);
+    l.check().unwrap();
+    assert!(l.check().is_err());
+    assert_eq!(l.check_n(4).unwrap_err().retry_after, Duration::MAX);
+}
+
+#[test]
+fn the_fixed_window_resets_at_each_boundary() {
+    let clock = ManualClock::new();
+    let l = windowed(Algorithm::FixedWindow, 2, Duration::from_secs(1), &clock);
+    clock.advance(900 * MS);
+    l.check_n(2).unwrap();
+    assert_eq!(l.check().unwrap_err().retry_after, 100 * MS);
+    // The known weakness: twice the limit across a boundary.
+    clock.advance(100 * MS);
+    l.check_n(2).unwrap();
+    assert_eq!(l.check().unwrap_err().retry_after, 1000 * MS);
+}
+
+#[test]
+fn the_sliding_window_weighs_the_previous_window_by_its_overlap() {
+    let clock = ManualClock::new();
+    let l = windowed(Algorithm::SlidingWindow, 10, Duration::from_secs(1), &clock);
+    l.check_n(10).unwrap(); // window 0 full
+    clock.advance(1250 * MS); // 25% into window 1: estimate 10 x 0.75 = 7.5
+    l.check_n(2).unwrap(); // 7.5 + 2 = 9.5
+                           // A third needs 10 x (1 - into) + 2 + 1 <= 10: into >= 30%.
+    assert_eq!(l.check().unwrap_err().retry_after, 50 * MS);
+    clock.advance(50 * MS);
+    l.check().unwrap();
+    // Eight more do not fit before window 1 ends (3 + 8 > 10); in window 2
+    // the 3 of window 1 weigh 3 x (1 - into): into >= 1 - 2/3.
+    assert_eq!(
+        l.check_n(8).unwrap_err().retry_after,
+        700 * MS + Duration::from_nanos(333_333_334)
+    );
+}
+
+#[test]
+fn window_limits_follow_set_rate_and_configuration() {
+    let clock = ManualClock::new();
+    let l = windowed(Algorithm::FixedWindow, 1, Duration::from_secs(1), &clock);
+    l.check().unwrap();
+    assert!(l.check().is_err());
+    l.set_rate(3.0, 1).unwrap(); // 3 a window now; the one counted stays
+    l.check_n(2).unwrap();
+    assert!(l.check().is_err());
+
+    let config: RateLimitConfig = toml::from_str(
+        "requests_per_second = 1\nalgorithm = \"sliding-window\"\nwindow = \"250ms\"",
+    )
+    .unwrap();
+    assert_eq!(config.algorithm, Algorithm::SlidingWindow);
+    let err = config.build("api").unwrap_err();
+    assert_eq!(err.field(), "window");
+    assert!(err.reason().contains("admits no request"), "{err}");
+    assert!(
+        toml::from_str::<RateLimitConfig>("requests_per_second = 1\nalgorithm = \"leaky\"")
+            .is_err()
+    );
+    let keyed = RateLimiter::builder("api")
+        .algorithm(Algorithm::SlidingLog)
+        .build_keyed::<u32>(10)
+        .unwrap_err();
+    assert_eq!(keyed.field(), "algorithm");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// Each window algorithm keeps its documented bound over every span
+    /// between two admissions (`limit x t / window + limit` for the log,
+    /// `+ 2 x limit` for the others), its own exact guarantee (the log's
+    /// trailing window, the counters' aligned windows), and its retry_after
+    /// is exact to the nanosecond.
+    #[test]
+    fn window_algorithms_keep_their_bounds(
+        algorithm in prop_oneof![
+            Just(Algorithm::SlidingLog),
+            Just(Algorithm::SlidingWindow),
+            Just(Algorithm::FixedWindow),
+        ],
+        limit in 1u32..8,
+        window_ms in prop_oneof![Just(250u64), Just(1000)],
+        steps in proptest::collection::vec((0u64..200, 1u32..4), 1..150),
+    ) {
+        let clock = ManualClock::new();
+        let w = window_ms * 1_000_000;
+        let l = windowed(algorithm, limit, Duration::from_millis(window_ms), &clock);
+        let limit = u64::from(limit);
+        let mut admitted: Vec<u64> = Vec::new();
+        let mut now = 0u64;
+        for (advance_ms, n) in steps {
+            clock.advance(Duration::from_millis(advance_ms));
+            now += advance_ms * 1_000_000;
+            match l.check_n(n) {
+                Ok(()) => admitted.extend(std::iter::repeat_n(now, n as usize)),
+                Err(limited) if u64::from(n) <= limit => {
+                    let wait = limited.retry_after.as_nanos() as u64;
+                    prop_assert!(wait > 0);
+                    clock.advance(Duration::from_nanos(wait - 1));
+                    prop_assert!(l.check_n(n).is_err(), "admitted 1 ns before retry_after");
+                    clock.advance(Duration::from_nanos(1));
+                    now += wait;
+                    prop_assert!(l.check_n(n).is_ok(), "rejected at retry_after");
+                    admitted.extend(std::iter::repeat_n(now, n as usize));
+                }
+                Err(limited) => prop_assert_eq!(limited.retry_after, Duration::MAX),
+            }
+        }
+        let slack = if algorithm == Algorithm::SlidingLog { limit } else { 2 * limit };
+        for i in 0..admitted.len() {
+            for j in i..admitted.len() {
+                let count = (j - i + 1) as u64;
+                let span = admitted[j] - admitted[i];
+                prop_assert!(
+                    u128::from(count) * u128::from(w)
+                        <= u128::from(limit) * u128::from(span) + u128::from(slack * w),
+                    "{:?}: {} admitted within {} ns", algorithm, count, span
+                );
+                if algorithm == Algorithm::SlidingLog && span < w {
+                    prop_assert!(count <= limit, "{} in a trailing window", count);
+                }
+                if algorithm != Algorithm::SlidingLog && admitted[i] / w == admitted[j] / w {
+                    prop_assert!(count <= limit, "{} in one aligned window", count);
+                }
             }
         }
     }

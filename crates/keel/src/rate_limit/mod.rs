@@ -36,10 +36,12 @@
 mod keyed;
 #[cfg(feature = "tower")]
 mod layer;
+mod window;
 
 pub use keyed::{InMemoryStore, KeyedRateLimiter, StateStore};
 #[cfg(feature = "tower")]
 pub use layer::{RateLimitLayer, RateLimitService, ResponseFuture};
+pub use window::Algorithm;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,23 +50,49 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{Clock, ClockSource, SharedClock};
+use crate::clock::{duration_nanos, Clock, ClockSource, SharedClock};
 use crate::{ConfigError, Error};
+use window::Windowed;
 
 /// A rate limiter's configuration, as data. `requests_per_second` may be
 /// fractional (0.5 is one request every two seconds).
+///
+/// ```
+/// use keel::rate_limit::{Algorithm, RateLimitConfig};
+/// let config: RateLimitConfig = toml::from_str(r#"
+///     requests_per_second = 50
+///     algorithm = "sliding-log"
+///     window = "10s"                # 500 requests in any 10 seconds
+/// "#)?;
+/// assert_eq!(config.algorithm, Algorithm::SlidingLog);
+/// let limiter = config.build("search")?;
+/// # drop(limiter);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Sustained rate.
     pub requests_per_second: f64,
-    /// Requests admitted at once after a quiet period (default 1).
+    /// Requests admitted at once after a quiet period (default 1; GCRA only).
     #[serde(default = "one")]
     pub burst: u32,
+    /// The algorithm: `gcra` (default), `sliding-log`, `sliding-window` or
+    /// `fixed-window`.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// The window of the window algorithms (default 1s): they admit
+    /// `requests_per_second x window` requests per window.
+    #[serde(default = "one_second", with = "crate::config::duration")]
+    pub window: Duration,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn one_second() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl RateLimitConfig {
@@ -73,6 +101,8 @@ impl RateLimitConfig {
         RateLimiter::builder(name)
             .per_second(self.requests_per_second)
             .burst(self.burst)
+            .algorithm(self.algorithm)
+            .window(self.window)
             .build()
     }
 }
@@ -166,6 +196,20 @@ fn interval_of(per_second: f64) -> Result<u64, ConfigError> {
     Ok(nanos.round() as u64)
 }
 
+/// Requests per window for the window algorithms.
+fn limit_of(per_second: f64, window: Duration) -> Result<u64, ConfigError> {
+    let limit = (per_second * window.as_secs_f64()).round();
+    if limit < 1.0 {
+        return Err(ConfigError::new(
+            "window",
+            format!(
+                "{window:?} at {per_second} requests a second admits no request; it must hold at least one"
+            ),
+        ));
+    }
+    Ok(limit as u64)
+}
+
 fn check_burst(burst: u32) -> Result<(), ConfigError> {
     if burst == 0 {
         return Err(ConfigError::new("burst", "must be at least 1"));
@@ -179,10 +223,25 @@ pub struct Builder {
     name: Arc<str>,
     per_second: f64,
     burst: u32,
+    algorithm: Algorithm,
+    window: Duration,
     clock: Option<SharedClock>,
 }
 
 impl Builder {
+    /// The algorithm (default [`Algorithm::Gcra`]).
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// The window of the window algorithms (default 1 s); they admit
+    /// `per_second x window` requests per window. GCRA ignores it.
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
     /// The sustained rate, in requests a second (default 100).
     pub fn per_second(mut self, rate: f64) -> Self {
         self.per_second = rate;
@@ -213,12 +272,29 @@ impl Builder {
 
     /// A limiter for all callers together.
     pub fn build(self) -> Result<RateLimiter, ConfigError> {
+        let windowed = match self.algorithm {
+            Algorithm::Gcra => None,
+            algorithm => {
+                if self.window.is_zero() {
+                    return Err(ConfigError::new("window", "must be longer than zero"));
+                }
+                let limit = limit_of(self.per_second, self.window)?;
+                Some(Box::new(Windowed::new(
+                    algorithm,
+                    duration_nanos(self.window),
+                    limit,
+                )))
+            }
+        };
+        let window = self.window;
         let (name, rate, clock) = self.parts()?;
         Ok(RateLimiter {
             inner: Arc::new(Inner {
                 name,
                 rate,
                 clock,
+                windowed,
+                window,
                 tat: Padded(AtomicU64::new(0)),
             }),
         })
@@ -230,6 +306,7 @@ impl Builder {
     where
         K: std::hash::Hash + Eq + Clone,
     {
+        self.check_keyed()?;
         if max_keys == 0 {
             return Err(ConfigError::new("max_keys", "must be at least 1"));
         }
@@ -248,13 +325,29 @@ impl Builder {
     where
         S: StateStore<K>,
     {
+        self.check_keyed()?;
         let (name, rate, clock) = self.parts()?;
         Ok(KeyedRateLimiter::new(name, rate, clock, store))
     }
+
+    fn check_keyed(&self) -> Result<(), ConfigError> {
+        if self.algorithm != Algorithm::Gcra {
+            return Err(ConfigError::new(
+                "algorithm",
+                format!(
+                    "keyed limiters run gcra (one value per key), not {}",
+                    self.algorithm.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// A GCRA rate limiter for all its callers together: one `AtomicU64`,
-/// lock-free. A cheap, cloneable handle.
+/// A rate limiter for all its callers together. A cheap, cloneable handle.
+///
+/// GCRA (the default) is one `AtomicU64`, lock-free; the window algorithms
+/// ([`Algorithm`]) keep their counts behind a mutex.
 #[derive(Clone)]
 pub struct RateLimiter {
     inner: Arc<Inner>,
@@ -264,6 +357,9 @@ struct Inner {
     name: Arc<str>,
     rate: Rate,
     clock: ClockSource,
+    /// The window algorithm, if not GCRA.
+    windowed: Option<Box<Windowed>>,
+    window: Duration,
     /// On a cache line of its own: every admission writes it, and the rate
     /// and clock beside it are read by every check on every core.
     tat: Padded,
@@ -282,12 +378,14 @@ impl fmt::Debug for RateLimiter {
 }
 
 impl RateLimiter {
-    /// A builder for a limiter called `name`: 100 a second, burst 1.
+    /// A builder for a limiter called `name`: GCRA, 100 a second, burst 1.
     pub fn builder(name: impl Into<Arc<str>>) -> Builder {
         Builder {
             name: name.into(),
             per_second: 100.0,
             burst: 1,
+            algorithm: Algorithm::Gcra,
+            window: Duration::from_secs(1),
             clock: None,
         }
     }
@@ -298,12 +396,18 @@ impl RateLimiter {
         self.check_n(1)
     }
 
-    /// Admits `n` requests at once, or none. `n` above the burst can never be
-    /// admitted: `retry_after` is then `Duration::MAX`.
+    /// Admits `n` requests at once, or none. `n` above the burst (for a
+    /// window algorithm: above the limit per window) can never be admitted:
+    /// `retry_after` is then `Duration::MAX`.
     #[inline]
     pub fn check_n(&self, n: u32) -> Result<(), RateLimited> {
         let inner = &*self.inner;
         let now = inner.clock.now_nanos();
+        if let Some(windowed) = &inner.windowed {
+            return windowed
+                .check(now, n)
+                .map_err(|retry_after| limited(&inner.name, retry_after));
+        }
         let mut tat = inner.tat.0.load(Ordering::Acquire);
         loop {
             match inner.rate.decide(tat, now, n) {
@@ -328,10 +432,15 @@ impl RateLimiter {
         }
     }
 
-    /// Changes the rate and burst; takes effect for the next request.
+    /// Changes the rate and burst; takes effect for the next request. A
+    /// window algorithm's new limit is `per_second x window`; what it has
+    /// counted so far stays.
     pub fn set_rate(&self, per_second: f64, burst: u32) -> Result<(), ConfigError> {
         let interval = interval_of(per_second)?;
         check_burst(burst)?;
+        if let Some(windowed) = &self.inner.windowed {
+            windowed.set_limit(limit_of(per_second, self.inner.window)?);
+        }
         self.inner.rate.set(interval, burst);
         Ok(())
     }
