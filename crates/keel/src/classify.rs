@@ -143,7 +143,7 @@ impl<T, E> Classify<T, E> for DefaultClassifier {
 /// errors have fixed meanings: an inner timeout is a retryable failure, a
 /// rejection by an inner breaker is ignored by outer breakers but retryable
 /// after its `retry_after`, a full inner bulkhead is ignored and retryable,
-/// and an exhausted inner retry is a failure that is
+/// shed work is ignored and not retried, and an exhausted inner retry is a failure that is
 /// not retried again (retries must not multiply across layers).
 ///
 /// Takes the result by value and gives it back, so the user's classifier can
@@ -187,6 +187,8 @@ fn own_verdict<E>(e: &Error<E>) -> Verdict {
             retryable: true,
             retry_after: Some(*retry_after),
         },
+        // Shedding is deliberate: retrying shed work feeds the overload.
+        Error::Shed { .. } => Verdict::ignore(),
         Error::RetriesExhausted { .. } => Verdict::failure().with_retryable(false),
     }
 }

@@ -89,6 +89,26 @@ pub mod duration {
     }
 }
 
+/// `#[serde(default, with = "keel::config::optional_duration")]` for
+/// `Option<Duration>` fields: absent is `None`.
+pub mod optional_duration {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Reads a duration string such as `"250ms"`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+
+    /// Writes a duration string, or nothing.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

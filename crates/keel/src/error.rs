@@ -76,6 +76,13 @@ pub enum Error<E> {
         /// When the same call would be admitted, if nothing else is.
         retry_after: Duration,
     },
+    /// A load shedder turned the call away: the service is overloaded and
+    /// this priority is shed until load falls. Retrying at once adds to the
+    /// overload.
+    Shed {
+        /// The priority that was shed.
+        priority: crate::shed::Priority,
+    },
     /// Retry stopped: attempts, time budget or retry budget ran out.
     RetriesExhausted {
         /// How many attempts were made (the first call included).
@@ -116,7 +123,10 @@ impl<E> Error<E> {
     pub fn is_rejection(&self) -> bool {
         matches!(
             self,
-            Error::CircuitOpen { .. } | Error::BulkheadFull | Error::RateLimited { .. }
+            Error::CircuitOpen { .. }
+                | Error::BulkheadFull
+                | Error::RateLimited { .. }
+                | Error::Shed { .. }
         )
     }
 
@@ -128,6 +138,7 @@ impl<E> Error<E> {
             Error::Timeout { after } => Error::Timeout { after },
             Error::BulkheadFull => Error::BulkheadFull,
             Error::RateLimited { retry_after } => Error::RateLimited { retry_after },
+            Error::Shed { priority } => Error::Shed { priority },
             Error::RetriesExhausted { attempts, last } => Error::RetriesExhausted {
                 attempts,
                 last: Box::new(last.map_inner(f)),
@@ -153,6 +164,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::RateLimited { retry_after } => write!(
                 f,
                 "rate limited: over the configured rate; retry after {retry_after:?}"
+            ),
+            Error::Shed { priority } => write!(
+                f,
+                "shed: the service is overloaded and {priority} priority work is turned away until load falls; the call did not run"
             ),
             Error::RetriesExhausted { attempts, last } => {
                 let noun = if *attempts == 1 { "attempt" } else { "attempts" };

@@ -48,6 +48,8 @@
     unreachable_pub
 )]
 
+#[cfg(feature = "tower")]
+mod admission;
 pub mod bulkhead;
 pub mod circuit_breaker;
 pub mod classify;
@@ -58,6 +60,7 @@ pub mod events;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod retry;
+pub mod shed;
 mod sync;
 pub mod timeout;
 mod window;

@@ -39,6 +39,7 @@ use crate::classify::{classify_lifted, Classify, DefaultClassifier};
 use crate::error::LiftErr;
 use crate::rate_limit::RateLimiter;
 use crate::retry::Retry;
+use crate::shed::Prioritized;
 use crate::timeout::Timeout;
 use crate::Error;
 
@@ -194,6 +195,21 @@ impl Step for RateLimiter {
     }
 }
 
+impl sealed::Sealed for Prioritized {}
+impl Step for Prioritized {
+    async fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        let _permit = self.try_acquire()?;
+        op().await
+    }
+}
+
 /// Policies composed around closure calls. Build with [`Pipeline::builder`].
 #[derive(Debug, Clone)]
 pub struct Pipeline<S = Identity, C = DefaultClassifier> {
@@ -257,6 +273,13 @@ impl<S, C> PipelineBuilder<S, C> {
     /// `Error::RateLimited { retry_after }` without running.
     pub fn rate_limit(self, limiter: RateLimiter) -> PipelineBuilder<Stack<S, RateLimiter>, C> {
         self.push(limiter)
+    }
+
+    /// Adds a load shedder with the priority of this pipeline's calls
+    /// ([`LoadShedder::with_priority`](crate::shed::LoadShedder::with_priority)):
+    /// shed calls fail with `Error::Shed` without running.
+    pub fn shed(self, shedder: Prioritized) -> PipelineBuilder<Stack<S, Prioritized>, C> {
+        self.push(shedder)
     }
 
     /// Sets the classifier every step uses (default: `Ok` succeeds, `Err`

@@ -3,11 +3,8 @@
 //! decides whether to wait), unlike `tower::limit::RateLimit`, which holds
 //! back `poll_ready`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -69,55 +66,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         match self.limiter.check() {
-            Ok(()) => ResponseFuture {
-                state: State::Admitted {
-                    inner: self.inner.call(req),
-                },
-            },
-            Err(limited) => ResponseFuture {
-                state: State::Limited {
-                    error: Some(limited.into()),
-                },
-            },
+            Ok(()) => ResponseFuture::admitted(self.inner.call(req), ()),
+            Err(limited) => ResponseFuture::rejected(limited.into()),
         }
     }
 }
 
-pin_project! {
-    /// The future of [`RateLimitService`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        state: State<F>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        Admitted { #[pin] inner: F },
-        Limited { error: Option<Error<ServiceError>> },
-    }
-}
-
-impl<F> std::fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl<F, T, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<T, Error<ServiceError>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Admitted { inner } => inner.poll(cx).map(|r| r.map_err(lift_boxed)),
-            StateProj::Limited { error } => {
-                Poll::Ready(Err(error.take().expect("polled after completion")))
-            }
-        }
-    }
-}
+/// The future of [`RateLimitService`].
+pub type ResponseFuture<F> = crate::admission::ResponseFuture<F, ()>;
