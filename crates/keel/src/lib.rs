@@ -48,6 +48,7 @@
     unreachable_pub
 )]
 
+pub mod adaptive;
 #[cfg(feature = "tower")]
 mod admission;
 pub mod bulkhead;

@@ -33,9 +33,10 @@
 
 use std::future::Future;
 
+use crate::adaptive::AdaptiveLimiter;
 use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;
-use crate::classify::{classify_lifted, Classify, DefaultClassifier};
+use crate::classify::{classify_lifted, Classify, DefaultClassifier, Outcome};
 use crate::error::LiftErr;
 use crate::rate_limit::RateLimiter;
 use crate::retry::Retry;
@@ -195,6 +196,27 @@ impl Step for RateLimiter {
     }
 }
 
+impl sealed::Sealed for AdaptiveLimiter {}
+impl Step for AdaptiveLimiter {
+    async fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        let permit = self.try_acquire()?;
+        let (verdict, result) = classify_lifted(classifier, op().await);
+        match verdict.outcome {
+            Outcome::Success => permit.success(),
+            Outcome::Failure => permit.dropped(),
+            Outcome::Ignore => permit.ignore(),
+        }
+        result
+    }
+}
+
 impl sealed::Sealed for Prioritized {}
 impl Step for Prioritized {
     async fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> Result<T, Error<E>>
@@ -272,6 +294,16 @@ impl<S, C> PipelineBuilder<S, C> {
     /// Adds a rate limiter: calls over the rate fail with
     /// `Error::RateLimited { retry_after }` without running.
     pub fn rate_limit(self, limiter: RateLimiter) -> PipelineBuilder<Stack<S, RateLimiter>, C> {
+        self.push(limiter)
+    }
+
+    /// Adds an adaptive concurrency limiter (a handle). The pipeline's
+    /// classifier decides each sample: a success feeds its latency, a
+    /// failure is a drop, an ignored result no sample.
+    pub fn adaptive_limit(
+        self,
+        limiter: AdaptiveLimiter,
+    ) -> PipelineBuilder<Stack<S, AdaptiveLimiter>, C> {
         self.push(limiter)
     }
 
