@@ -58,6 +58,7 @@ pub mod clock;
 pub mod config;
 mod error;
 pub mod events;
+mod latency;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod retry;

@@ -41,7 +41,7 @@ use crate::error::LiftErr;
 use crate::rate_limit::RateLimiter;
 use crate::retry::Retry;
 use crate::shed::Prioritized;
-use crate::timeout::Timeout;
+use crate::timeout::{AdaptiveTimeout, Timeout};
 use crate::Error;
 
 mod sealed {
@@ -55,7 +55,7 @@ pub trait Step: sealed::Sealed {
     #[doc(hidden)]
     fn run<'a, T, E, C, F, Fut>(
         &'a self,
-        classifier: &'a C,
+        cx: Ctx<'a, C>,
         op: F,
     ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
@@ -65,6 +65,24 @@ pub trait Step: sealed::Sealed {
         T: 'a,
         E: 'a;
 }
+
+/// What every step of one call shares: the pipeline's classifier, and
+/// whether the caller marked the operation idempotent (safe to run more
+/// than once at the same time, as hedging does).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Ctx<'a, C: ?Sized> {
+    pub(crate) classifier: &'a C,
+    pub(crate) idempotent: bool,
+}
+
+impl<C: ?Sized> Clone for Ctx<'_, C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C: ?Sized> Copy for Ctx<'_, C> {}
 
 /// The empty pipeline: calls the operation directly.
 #[derive(Debug, Clone, Copy, Default)]
@@ -81,7 +99,7 @@ impl sealed::Sealed for Identity {}
 impl Step for Identity {
     fn run<'a, T, E, C, F, Fut>(
         &'a self,
-        _: &'a C,
+        _: Ctx<'a, C>,
         op: F,
     ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
@@ -97,7 +115,7 @@ impl Step for Identity {
 
 impl<O: Step, I: Step> sealed::Sealed for Stack<O, I> {}
 impl<O: Step, I: Step> Step for Stack<O, I> {
-    async fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> Result<T, Error<E>>
+    async fn run<'a, T, E, C, F, Fut>(&'a self, cx: Ctx<'a, C>, op: F) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -107,9 +125,7 @@ impl<O: Step, I: Step> Step for Stack<O, I> {
     {
         let inner = &self.inner;
         let op = &op;
-        self.outer
-            .run(classifier, move || inner.run(classifier, op))
-            .await
+        self.outer.run(cx, move || inner.run(cx, op)).await
     }
 }
 
@@ -117,7 +133,7 @@ impl sealed::Sealed for Timeout {}
 impl Step for Timeout {
     fn run<'a, T, E, C, F, Fut>(
         &'a self,
-        _: &'a C,
+        _: Ctx<'a, C>,
         op: F,
     ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
@@ -135,7 +151,7 @@ impl sealed::Sealed for Retry {}
 impl Step for Retry {
     fn run<'a, T, E, C, F, Fut>(
         &'a self,
-        classifier: &'a C,
+        cx: Ctx<'a, C>,
         op: F,
     ) -> impl Future<Output = Result<T, Error<E>>> + 'a
     where
@@ -145,13 +161,13 @@ impl Step for Retry {
         T: 'a,
         E: 'a,
     {
-        Retry::run(self, classifier, op)
+        Retry::run(self, cx.classifier, op)
     }
 }
 
 impl sealed::Sealed for CircuitBreaker {}
 impl Step for CircuitBreaker {
-    async fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> Result<T, Error<E>>
+    async fn run<'a, T, E, C, F, Fut>(&'a self, cx: Ctx<'a, C>, op: F) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -160,7 +176,7 @@ impl Step for CircuitBreaker {
         E: 'a,
     {
         let permit = self.try_acquire()?;
-        let (verdict, result) = classify_lifted(classifier, op().await);
+        let (verdict, result) = classify_lifted(cx.classifier, op().await);
         permit.record(verdict.outcome);
         result
     }
@@ -168,7 +184,7 @@ impl Step for CircuitBreaker {
 
 impl sealed::Sealed for Bulkhead {}
 impl Step for Bulkhead {
-    async fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> Result<T, Error<E>>
+    async fn run<'a, T, E, C, F, Fut>(&'a self, _: Ctx<'a, C>, op: F) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -183,7 +199,7 @@ impl Step for Bulkhead {
 
 impl sealed::Sealed for RateLimiter {}
 impl Step for RateLimiter {
-    async fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> Result<T, Error<E>>
+    async fn run<'a, T, E, C, F, Fut>(&'a self, _: Ctx<'a, C>, op: F) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -198,7 +214,7 @@ impl Step for RateLimiter {
 
 impl sealed::Sealed for AdaptiveLimiter {}
 impl Step for AdaptiveLimiter {
-    async fn run<'a, T, E, C, F, Fut>(&'a self, classifier: &'a C, op: F) -> Result<T, Error<E>>
+    async fn run<'a, T, E, C, F, Fut>(&'a self, cx: Ctx<'a, C>, op: F) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -207,7 +223,7 @@ impl Step for AdaptiveLimiter {
         E: 'a,
     {
         let permit = self.try_acquire()?;
-        let (verdict, result) = classify_lifted(classifier, op().await);
+        let (verdict, result) = classify_lifted(cx.classifier, op().await);
         match verdict.outcome {
             Outcome::Success => permit.success(),
             Outcome::Failure => permit.dropped(),
@@ -217,9 +233,27 @@ impl Step for AdaptiveLimiter {
     }
 }
 
+impl sealed::Sealed for AdaptiveTimeout {}
+impl Step for AdaptiveTimeout {
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        _: Ctx<'a, C>,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        AdaptiveTimeout::run(self, op)
+    }
+}
+
 impl sealed::Sealed for Prioritized {}
 impl Step for Prioritized {
-    async fn run<'a, T, E, C, F, Fut>(&'a self, _: &'a C, op: F) -> Result<T, Error<E>>
+    async fn run<'a, T, E, C, F, Fut>(&'a self, _: Ctx<'a, C>, op: F) -> Result<T, Error<E>>
     where
         C: Classify<T, E> + ?Sized,
         F: Fn() -> Fut + 'a,
@@ -270,6 +304,15 @@ impl<S, C> PipelineBuilder<S, C> {
     /// Adds a timeout (a `Duration` or a [`Timeout`]).
     pub fn timeout(self, timeout: impl Into<Timeout>) -> PipelineBuilder<Stack<S, Timeout>, C> {
         self.push(timeout.into())
+    }
+
+    /// Adds a timeout that follows the dependency's recent latencies (a
+    /// handle: clones share the window).
+    pub fn adaptive_timeout(
+        self,
+        timeout: AdaptiveTimeout,
+    ) -> PipelineBuilder<Stack<S, AdaptiveTimeout>, C> {
+        self.push(timeout)
     }
 
     /// Adds a retry policy.
@@ -340,8 +383,26 @@ impl<S: Step, C> Pipeline<S, C> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.steps
-            .run(&self.classifier, || LiftErr::new(op()))
-            .await
+        let cx = Ctx {
+            classifier: &self.classifier,
+            idempotent: false,
+        };
+        self.steps.run(cx, || LiftErr::new(op())).await
+    }
+
+    /// Like [`call`](Self::call), for an operation that is safe to run more
+    /// than once, even at the same time (a read, a `PUT`, a write with an
+    /// idempotency key): a hedging step may start extra attempts.
+    pub async fn call_idempotent<T, E, F, Fut>(&self, op: F) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E>,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let cx = Ctx {
+            classifier: &self.classifier,
+            idempotent: true,
+        };
+        self.steps.run(cx, || LiftErr::new(op())).await
     }
 }

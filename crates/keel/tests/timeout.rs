@@ -90,3 +90,111 @@ fn a_timeout_is_built_from_a_duration() {
     let t: Timeout = Duration::from_secs(3).into();
     assert_eq!(t.duration(), Duration::from_secs(3));
 }
+
+mod adaptive {
+    use std::time::Duration;
+
+    use keel::timeout::{AdaptiveTimeout, AdaptiveTimeoutConfig, TimeoutLayer};
+    use keel::{Error, Pipeline};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    async fn call_taking(
+        timeout: &AdaptiveTimeout,
+        d: Duration,
+    ) -> Result<(), Error<std::io::Error>> {
+        timeout
+            .call(|| async move {
+                tokio::time::sleep(d).await;
+                Ok(())
+            })
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn initial_until_enough_samples_then_the_quantile_times_the_multiplier() {
+        let timeout = AdaptiveTimeout::builder()
+            .quantile(0.9, 2.0)
+            .bounds(20 * MS, Duration::from_secs(1))
+            .initial(500 * MS)
+            .window(10, 10)
+            .build()
+            .unwrap();
+        for ms in 1..=9u32 {
+            call_taking(&timeout, ms * 10 * MS).await.unwrap();
+            assert_eq!(timeout.current(), 500 * MS, "{ms} samples: initial");
+        }
+        call_taking(&timeout, 100 * MS).await.unwrap();
+        // p90 of 10..=100ms is 90ms; x 2.
+        assert_eq!(timeout.current(), 180 * MS);
+        // Fast calls fill the window: p90 of ten 1ms calls x 2 is below min.
+        for _ in 0..10 {
+            call_taking(&timeout, MS).await.unwrap();
+        }
+        assert_eq!(timeout.current(), 20 * MS);
+        // And a call slower than that is cut off at 20ms.
+        let err = call_taking(&timeout, 50 * MS).await.unwrap_err();
+        assert!(matches!(err, Error::Timeout { after } if after == 20 * MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dependency_slow_for_good_lifts_the_timeout_up_to_max() {
+        let timeout = AdaptiveTimeout::builder()
+            .quantile(0.5, 2.0)
+            .bounds(10 * MS, 400 * MS)
+            .initial(50 * MS)
+            .window(4, 4)
+            .build()
+            .unwrap();
+        // Every call now takes 300ms. Timed-out calls enter the window as
+        // their timeout, so the timeout doubles until calls fit.
+        let mut seen = Vec::new();
+        for _ in 0..16 {
+            let _ = call_taking(&timeout, 300 * MS).await;
+            seen.push(timeout.current().as_millis());
+        }
+        assert_eq!(seen[3], 100, "{seen:?}");
+        assert_eq!(seen[7], 200, "{seen:?}");
+        assert_eq!(*seen.last().unwrap(), 400, "{seen:?}");
+        call_taking(&timeout, 300 * MS).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pipeline_step_and_the_tower_layer_share_the_window() {
+        use tower::{service_fn, Layer, ServiceExt};
+        let timeout = AdaptiveTimeout::builder().window(2, 2).build().unwrap();
+        let pipeline = Pipeline::builder()
+            .adaptive_timeout(timeout.clone())
+            .build();
+        pipeline
+            .call(|| async {
+                tokio::time::sleep(30 * MS).await;
+                Ok::<_, std::io::Error>(())
+            })
+            .await
+            .unwrap();
+        let svc =
+            TimeoutLayer::adaptive(timeout.clone()).layer(service_fn(|d: Duration| async move {
+                tokio::time::sleep(d).await;
+                Ok::<_, std::io::Error>(())
+            }));
+        svc.clone().oneshot(30 * MS).await.unwrap();
+        assert_eq!(timeout.current(), 60 * MS);
+        let err = svc.oneshot(61 * MS).await.unwrap_err();
+        assert!(matches!(err, Error::Timeout { after } if after == 60 * MS));
+    }
+
+    #[test]
+    fn configuration_names_the_field() {
+        let bad: AdaptiveTimeoutConfig = toml::from_str("min = \"1s\"\nmax = \"500ms\"").unwrap();
+        assert_eq!(bad.build().unwrap_err().field(), "max");
+        let bad: AdaptiveTimeoutConfig = toml::from_str("quantile = 99.0").unwrap();
+        assert_eq!(bad.build().unwrap_err().field(), "quantile");
+        let bad: AdaptiveTimeoutConfig = toml::from_str("window = 10\nmin_samples = 20").unwrap();
+        assert_eq!(
+            bad.build().unwrap_err().to_string(),
+            "min_samples: must be between 1 and window (10)"
+        );
+        assert!(toml::from_str::<AdaptiveTimeoutConfig>("p = 0.99").is_err());
+    }
+}

@@ -9,22 +9,34 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Timed, Timeout};
+use super::{AdaptiveTimeout, Timed, Timeout};
 use crate::error::{lift_boxed, BoxError, ServiceError};
 use crate::Error;
 
-/// Applies a [`Timeout`] to each call of a service; the service's error is
-/// [`Error<ServiceError>`](crate::Error), `Error::Timeout` on expiry.
-#[derive(Debug, Clone, Copy)]
+/// Applies a [`Timeout`] (or an [`AdaptiveTimeout`]) to each call of a
+/// service; the service's error is [`Error<ServiceError>`](crate::Error),
+/// `Error::Timeout` on expiry.
+#[derive(Debug, Clone)]
 pub struct TimeoutLayer {
-    timeout: Timeout,
+    after: Duration,
+    adaptive: Option<AdaptiveTimeout>,
 }
 
 impl TimeoutLayer {
     /// Calls may take at most `after`.
     pub fn new(timeout: impl Into<Timeout>) -> Self {
         TimeoutLayer {
-            timeout: timeout.into(),
+            after: timeout.into().duration(),
+            adaptive: None,
+        }
+    }
+
+    /// Calls get the adaptive timeout's current value, and their latencies
+    /// feed its window.
+    pub fn adaptive(timeout: AdaptiveTimeout) -> Self {
+        TimeoutLayer {
+            after: Duration::ZERO,
+            adaptive: Some(timeout),
         }
     }
 }
@@ -35,7 +47,8 @@ impl<S> Layer<S> for TimeoutLayer {
     fn layer(&self, inner: S) -> Self::Service {
         TimeoutService {
             inner,
-            after: self.timeout.duration(),
+            after: self.after,
+            adaptive: self.adaptive.clone(),
         }
     }
 }
@@ -45,6 +58,7 @@ impl<S> Layer<S> for TimeoutLayer {
 pub struct TimeoutService<S> {
     inner: S,
     after: Duration,
+    adaptive: Option<AdaptiveTimeout>,
 }
 
 impl<S> TimeoutService<S> {
@@ -68,8 +82,16 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        let (after, meter) = match &self.adaptive {
+            None => (self.after, None),
+            Some(adaptive) => {
+                let after = adaptive.current();
+                (after, Some((adaptive.clone(), adaptive.now(), after)))
+            }
+        };
         ResponseFuture {
-            timed: Timed::new(self.inner.call(req), self.after),
+            timed: Timed::new(self.inner.call(req), after),
+            meter,
         }
     }
 }
@@ -80,6 +102,8 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         timed: Timed<F>,
+        // An adaptive timeout, when the call started, its timeout.
+        meter: Option<(AdaptiveTimeout, Duration, Duration)>,
     }
 }
 
@@ -91,7 +115,15 @@ where
     type Output = Result<T, Error<ServiceError>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match std::task::ready!(self.project().timed.poll(cx)) {
+        let this = self.project();
+        let outcome = std::task::ready!(this.timed.poll(cx));
+        if let Some((adaptive, start, after)) = this.meter.take() {
+            adaptive.record(match outcome {
+                Ok(_) => adaptive.now().saturating_sub(start),
+                Err(_) => after,
+            });
+        }
+        match outcome {
             Ok(result) => Poll::Ready(result.map_err(lift_boxed)),
             Err(elapsed) => Poll::Ready(Err(elapsed.into_error())),
         }

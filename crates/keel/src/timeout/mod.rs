@@ -22,9 +22,14 @@
 //! call does not finish on its first poll, so a call that completes at once
 //! costs no clock read and no timer entry; the time is counted from that
 //! first poll.
+//!
+//! [`AdaptiveTimeout`] sets the timeout from the dependency's recent
+//! latencies (the classic "p99 x 2", clamped).
 
+mod adaptive;
 #[cfg(feature = "tower")]
 mod layer;
+pub use adaptive::{AdaptiveTimeout, AdaptiveTimeoutBuilder, AdaptiveTimeoutConfig};
 #[cfg(feature = "tower")]
 pub use layer::{ResponseFuture, TimeoutLayer, TimeoutService};
 
