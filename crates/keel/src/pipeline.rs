@@ -38,6 +38,7 @@ use crate::bulkhead::Bulkhead;
 use crate::circuit_breaker::CircuitBreaker;
 use crate::classify::{classify_lifted, Classify, DefaultClassifier, Outcome};
 use crate::error::LiftErr;
+use crate::hedge::Hedge;
 use crate::rate_limit::RateLimiter;
 use crate::retry::Retry;
 use crate::shed::Prioritized;
@@ -251,6 +252,24 @@ impl Step for AdaptiveTimeout {
     }
 }
 
+impl sealed::Sealed for Hedge {}
+impl Step for Hedge {
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        cx: Ctx<'a, C>,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        Hedge::run(self, cx.classifier, cx.idempotent, op)
+    }
+}
+
 impl sealed::Sealed for Prioritized {}
 impl Step for Prioritized {
     async fn run<'a, T, E, C, F, Fut>(&'a self, _: Ctx<'a, C>, op: F) -> Result<T, Error<E>>
@@ -348,6 +367,12 @@ impl<S, C> PipelineBuilder<S, C> {
         limiter: AdaptiveLimiter,
     ) -> PipelineBuilder<Stack<S, AdaptiveLimiter>, C> {
         self.push(limiter)
+    }
+
+    /// Adds hedging. Only calls made with
+    /// [`Pipeline::call_idempotent`] are hedged; others run once.
+    pub fn hedge(self, hedge: Hedge) -> PipelineBuilder<Stack<S, Hedge>, C> {
+        self.push(hedge)
     }
 
     /// Adds a load shedder with the priority of this pipeline's calls
