@@ -58,6 +58,7 @@ pub mod clock;
 pub mod config;
 mod error;
 pub mod events;
+pub mod fallback;
 pub mod hedge;
 mod latency;
 pub mod pipeline;
