@@ -154,9 +154,9 @@ impl Builder {
             ));
         }
         Ok(Bulkhead {
+            seats: Arc::new(Semaphore::new(c.max_concurrent as usize)),
             inner: Arc::new(Inner {
                 name: self.name,
-                seats: Arc::new(Semaphore::new(c.max_concurrent as usize)),
                 max_concurrent: c.max_concurrent,
                 max_queue: c.max_queue,
                 queue_timeout: c.queue_timeout,
@@ -170,12 +170,14 @@ impl Builder {
 /// A bulkhead: a cheap, cloneable handle; clones share the seats.
 #[derive(Clone)]
 pub struct Bulkhead {
+    // The semaphore beside the rest, not inside it: admission is one load
+    // from the handle instead of two dependent ones.
+    seats: Arc<Semaphore>,
     inner: Arc<Inner>,
 }
 
 struct Inner {
     name: Arc<str>,
-    seats: Arc<Semaphore>,
     max_concurrent: u32,
     max_queue: u32,
     queue_timeout: Duration,
@@ -261,8 +263,9 @@ impl Bulkhead {
     }
 
     /// A seat if one is free now; never waits and never jumps the queue.
+    #[inline]
     pub fn try_acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
-        match self.inner.seats.try_acquire() {
+        match self.seats.try_acquire() {
             Ok(seat) => Ok(Permit { _seat: seat }),
             Err(_) => Err(self.reject("no seat free")),
         }
@@ -270,7 +273,7 @@ impl Bulkhead {
 
     /// Like [`try_acquire`](Self::try_acquire), with an owned permit.
     pub fn try_acquire_owned(&self) -> Result<OwnedPermit, BulkheadFull> {
-        match self.inner.seats.clone().try_acquire_owned() {
+        match self.seats.clone().try_acquire_owned() {
             Ok(seat) => Ok(OwnedPermit { _seat: seat }),
             Err(_) => Err(self.reject("no seat free")),
         }
@@ -279,10 +282,10 @@ impl Bulkhead {
     /// A seat, waiting for one in FIFO order if the queue has room, for at
     /// most `queue_timeout`. Dropping the future gives its place back.
     pub async fn acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
-        if let Ok(seat) = self.inner.seats.try_acquire() {
+        if let Ok(seat) = self.seats.try_acquire() {
             return Ok(Permit { _seat: seat });
         }
-        let seat = self.wait(self.inner.seats.acquire()).await?;
+        let seat = self.wait(self.seats.acquire()).await?;
         Ok(Permit { _seat: seat })
     }
 
@@ -292,7 +295,7 @@ impl Bulkhead {
     ) -> impl Future<Output = Result<OwnedPermit, BulkheadFull>> + Send + 'static {
         let this = self.clone();
         async move {
-            let seats = this.inner.seats.clone();
+            let seats = this.seats.clone();
             if let Ok(seat) = seats.clone().try_acquire_owned() {
                 return Ok(OwnedPermit { _seat: seat });
             }
@@ -327,7 +330,7 @@ impl Bulkhead {
 
     /// A snapshot of seats and queue.
     pub fn metrics(&self) -> Metrics {
-        let available = self.inner.seats.available_permits() as u32;
+        let available = self.seats.available_permits() as u32;
         Metrics {
             in_use: self.inner.max_concurrent - available.min(self.inner.max_concurrent),
             available,
@@ -348,6 +351,9 @@ impl Bulkhead {
             .map_err(|_| self.reject("no seat free and the queue is full"))
     }
 
+    // Out of line: the admitting path stays small enough to inline.
+    #[cold]
+    #[inline(never)]
     fn reject(&self, why: &'static str) -> BulkheadFull {
         self.inner.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(target: "keel::bulkhead", bulkhead = %self.inner.name, reason = why, "call rejected");
