@@ -429,6 +429,148 @@ mod thread_pool {
         drop(done);
     }
 
+    #[derive(Debug, Clone)]
+    enum PoolOp {
+        Submit,
+        /// Lets the n-th running job (modulo) finish.
+        Release(usize),
+        /// Drops the n-th live job's future (modulo): a cancelled caller.
+        Cancel(usize),
+    }
+
+    fn pool_op() -> impl Strategy<Value = PoolOp> {
+        prop_oneof![
+            3 => Just(PoolOp::Submit),
+            2 => any::<usize>().prop_map(PoolOp::Release),
+            1 => any::<usize>().prop_map(PoolOp::Cancel),
+        ]
+    }
+
+    struct Job {
+        id: usize,
+        run: Option<tokio_test::task::Spawn<keel::bulkhead::Run<()>>>,
+        gate: mpsc::Sender<()>,
+        running: bool,
+    }
+
+    /// Waits (bounded) until the pool's workers have caught up with what
+    /// the model says: this waits for a condition, it does not guess a time.
+    fn settled(
+        pool: &ThreadPool,
+        busy: u32,
+        queued: u32,
+        started: &Mutex<Vec<usize>>,
+        want: &[usize],
+    ) -> Result<(), TestCaseError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let m = pool.metrics();
+            let mut got = started.lock().unwrap().clone();
+            got.sort_unstable();
+            if (m.busy, m.queued) == (busy, queued) && got == want {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(TestCaseError::fail(format!(
+                    "pool never reached busy {busy}, queued {queued}, started {want:?}: {m:?}, started {got:?}"
+                )));
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+    use std::sync::Mutex;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Against a model of a FIFO pool: a submission is admitted exactly
+        /// when fewer than threads + max_queue jobs are held; at most
+        /// `threads` run; a cancelled queued job never runs and gives its
+        /// place back when a worker reaches it; and when every job is let
+        /// go the pool is empty.
+        #[test]
+        fn the_pool_never_leaks_or_over_admits(
+            threads in 1u32..=3,
+            max_queue in 0u32..=3,
+            ops in proptest::collection::vec(pool_op(), 1..40),
+        ) {
+            let pool = ThreadPool::builder("model").threads(threads).max_queue(max_queue).build().unwrap();
+            let started = Arc::new(Mutex::new(Vec::new()));
+            // Live jobs in submission order; `running` as the model says.
+            let mut jobs: Vec<Job> = Vec::new();
+            let mut ever_started: Vec<usize> = Vec::new();
+            let mut rejected = 0u64;
+            for (id, op) in ops.into_iter().enumerate() {
+                match op {
+                    PoolOp::Submit => {
+                        let (gate, wait) = mpsc::channel::<()>();
+                        let s = started.clone();
+                        let mut run = tokio_test::task::spawn(pool.run(move || {
+                            s.lock().unwrap().push(id);
+                            let _ = wait.recv();
+                        }));
+                        let admit = (jobs.len() as u32) < threads + max_queue;
+                        let rejected_now = matches!(run.poll(), std::task::Poll::Ready(Err(_)));
+                        prop_assert_eq!(rejected_now, !admit, "job {} with {} held", id, jobs.len());
+                        if admit {
+                            jobs.push(Job { id, run: Some(run), gate, running: false });
+                        } else {
+                            rejected += 1;
+                        }
+                    }
+                    PoolOp::Release(n) => {
+                        let running: Vec<usize> = (0..jobs.len()).filter(|&i| jobs[i].running).collect();
+                        if running.is_empty() {
+                            continue;
+                        }
+                        let job = jobs.remove(running[n % running.len()]);
+                        job.gate.send(()).unwrap();
+                    }
+                    PoolOp::Cancel(n) => {
+                        if jobs.is_empty() {
+                            continue;
+                        }
+                        let i = n % jobs.len();
+                        jobs[i].run = None;
+                    }
+                }
+                // The model's workers: free ones take queued jobs in order,
+                // skipping (and forgetting) withdrawn ones.
+                let mut busy = jobs.iter().filter(|j| j.running).count() as u32;
+                let mut i = 0;
+                while i < jobs.len() && busy < threads {
+                    if jobs[i].running {
+                        i += 1;
+                    } else if jobs[i].run.is_none() {
+                        jobs.remove(i);
+                    } else {
+                        jobs[i].running = true;
+                        ever_started.push(jobs[i].id);
+                        busy += 1;
+                        i += 1;
+                    }
+                }
+                prop_assert!(busy <= threads);
+                let queued = jobs.len() as u32 - busy;
+                ever_started.sort_unstable();
+                settled(&pool, busy, queued, &started, &ever_started)?;
+                prop_assert_eq!(pool.metrics().rejected, rejected);
+            }
+            // Let everything go: the pool ends empty.
+            for job in jobs.drain(..) {
+                let _ = job.gate.send(());
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while pool.metrics().busy + pool.metrics().queued > 0 {
+                prop_assert!(std::time::Instant::now() < deadline, "pool never emptied: {:?}", pool.metrics());
+                std::thread::yield_now();
+            }
+        }
+    }
+
     #[test]
     fn configuration_names_the_field() {
         let err = ThreadPool::builder("p").threads(0).build().unwrap_err();
