@@ -122,5 +122,37 @@ fn rate_limiter(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bulkhead, rate_limiter);
+async fn op_ready() -> Result<u64, std::io::Error> {
+    Ok(black_box(7))
+}
+
+async fn op_yielding() -> Result<u64, std::io::Error> {
+    tokio::task::yield_now().await;
+    Ok(black_box(7))
+}
+
+/// Hedging's cost when no hedge is needed: the answer comes before the
+/// delay. Pending once, the hedge timer is armed (and then dropped).
+fn hedging(c: &mut Criterion) {
+    use keel::hedge::{Hedge, Idempotent};
+    let rt = support::runtime();
+    let hedge = Hedge::builder()
+        .delay(std::time::Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("hedge_success");
+    g.bench_function("direct", |b| b.to_async(&rt).iter(op_ready));
+    g.bench_function("keel", |b| {
+        b.to_async(&rt).iter(|| hedge.call(Idempotent(op_ready)))
+    });
+    g.finish();
+    let mut g = c.benchmark_group("hedge_success_pending_once");
+    g.bench_function("direct", |b| b.to_async(&rt).iter(op_yielding));
+    g.bench_function("keel", |b| {
+        b.to_async(&rt).iter(|| hedge.call(Idempotent(op_yielding)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bulkhead, rate_limiter, hedging);
 criterion_main!(benches);
