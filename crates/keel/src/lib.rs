@@ -1,8 +1,10 @@
 //! # keel
 //!
 //! Fault-tolerance policies for services that call other services: circuit
-//! breaker, retry (backoff, jitter, budgets, `Retry-After`) and timeout, as
-//! synchronous primitives, as an async [`Pipeline`] and as `tower` layers.
+//! breaker, retry (backoff, jitter, budgets, `Retry-After`), timeouts,
+//! bulkheads, rate limiting, load shedding, adaptive concurrency, hedging and
+//! fallback, as synchronous primitives, as an async [`Pipeline`] and as
+//! `tower` layers.
 //!
 //! ```
 //! use keel::{circuit_breaker::CircuitBreaker, retry::Retry, Pipeline};
@@ -31,7 +33,13 @@
 //! |---|---|
 //! | [`circuit_breaker`] | count and time windows, slow calls, half-open probes, consecutive-failure mode |
 //! | [`retry`] | backoff, jitter, time budget, shared retry budget, server hints |
-//! | [`timeout`] | fixed timeout that cancels the call |
+//! | [`timeout`] | fixed timeout that cancels the call; adaptive timeout from recent latencies |
+//! | [`bulkhead`] | semaphore bulkhead (bounded FIFO queue); thread pool for blocking work |
+//! | [`rate_limit`] | GCRA (lock-free), sliding log, sliding window, fixed window; keyed limiter |
+//! | [`shed`] | load shedding by priority on in-flight load and queueing delay |
+//! | [`adaptive`] | adaptive concurrency limit: AIMD, Gradient2 |
+//! | [`hedge`] | a second attempt after a delay for idempotent calls |
+//! | [`fallback`] | stale cache, alternate source, default value, graceful error |
 //! | [`pipeline`] | composes the policies around a closure |
 //! | [`classify`] | one classifier for every policy |
 //! | [`clock`] | injected time: monotonic, manual, tokio |
