@@ -24,9 +24,10 @@
 //! let a = limiter.try_acquire()?;
 //! let b = limiter.try_acquire()?;
 //! assert!(limiter.try_acquire().is_err()); // the limit is 2
-//! b.dropped(); // the dependency pushed back: 2 x 0.9 = 1
-//! a.success();
+//! b.dropped(); // the dependency pushed back: 2 x 0.9, rounded down
 //! assert_eq!(limiter.limit(), 1);
+//! a.success(); // a success with the limit in use adds one
+//! assert_eq!(limiter.limit(), 2);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
