@@ -37,7 +37,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::thread;
 
@@ -45,7 +45,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::BulkheadFull;
-use crate::sync::lock;
 use crate::ConfigError;
 
 /// A thread pool's configuration, as data.
@@ -197,6 +196,13 @@ impl Shared {
         lock(&self.state).closing = true;
         self.work.notify_all();
     }
+}
+
+/// Locks the pool's state, ignoring poisoning: jobs run outside the lock,
+/// so a panic never leaves the state half-changed. The pool's threads are
+/// real OS threads, outside loom's models: std's lock, not `crate::sync`'s.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Closes the pool when the last `ThreadPool` handle goes; the workers hold
