@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::sync::{lock, Mutex};
+use crate::ConfigError;
 
 /// The last `capacity` latencies (nanoseconds) and their `quantile`,
 /// recomputed every `refresh` samples so that reading it is one atomic load.
@@ -26,6 +27,27 @@ struct Ring {
 }
 
 impl LatencyWindow {
+    /// A window from configuration: `quantile` in 0..=1, `window` calls
+    /// (at least 1), `min_samples` between 1 and `window`; or the field
+    /// that is wrong.
+    pub(crate) fn from_config(
+        quantile: f64,
+        window: u32,
+        min_samples: u32,
+    ) -> Result<Self, ConfigError> {
+        crate::error::check_fraction("quantile", quantile)?;
+        if window == 0 {
+            return Err(ConfigError::new("window", "must be at least 1"));
+        }
+        if min_samples == 0 || min_samples > window {
+            return Err(ConfigError::new(
+                "min_samples",
+                format!("must be between 1 and window ({window})"),
+            ));
+        }
+        Ok(Self::new(window as usize, quantile, min_samples as usize))
+    }
+
     pub(crate) fn new(capacity: usize, quantile: f64, min_samples: usize) -> Self {
         LatencyWindow {
             quantile,

@@ -185,26 +185,10 @@ impl HedgeBuilder {
                 "must be at least 1 (leave hedging out to have none)",
             ));
         }
-        let latencies = match c.quantile {
-            None => None,
-            Some(q) => {
-                crate::error::check_fraction("quantile", q)?;
-                if c.window == 0 {
-                    return Err(ConfigError::new("window", "must be at least 1"));
-                }
-                if c.min_samples == 0 || c.min_samples > c.window {
-                    return Err(ConfigError::new(
-                        "min_samples",
-                        format!("must be between 1 and window ({})", c.window),
-                    ));
-                }
-                Some(LatencyWindow::new(
-                    c.window as usize,
-                    q,
-                    c.min_samples as usize,
-                ))
-            }
-        };
+        let latencies = c
+            .quantile
+            .map(|q| LatencyWindow::from_config(q, c.window, c.min_samples))
+            .transpose()?;
         Ok(Hedge {
             inner: Arc::new(Inner {
                 delay: c.delay,

@@ -124,7 +124,7 @@ impl AdaptiveTimeoutBuilder {
     /// The timeout, or the field that is wrong.
     pub fn build(self) -> Result<AdaptiveTimeout, ConfigError> {
         let c = self.config;
-        crate::error::check_fraction("quantile", c.quantile)?;
+        let latencies = LatencyWindow::from_config(c.quantile, c.window, c.min_samples)?;
         if !(c.multiplier.is_finite() && c.multiplier > 0.0) {
             return Err(ConfigError::new(
                 "multiplier",
@@ -146,22 +146,9 @@ impl AdaptiveTimeoutBuilder {
                 format!("must be between min ({:?}) and max ({:?})", c.min, c.max),
             ));
         }
-        if c.window == 0 {
-            return Err(ConfigError::new("window", "must be at least 1"));
-        }
-        if c.min_samples == 0 || c.min_samples > c.window {
-            return Err(ConfigError::new(
-                "min_samples",
-                format!("must be between 1 and window ({})", c.window),
-            ));
-        }
         Ok(AdaptiveTimeout {
             inner: Arc::new(Inner {
-                latencies: LatencyWindow::new(
-                    c.window as usize,
-                    c.quantile,
-                    c.min_samples as usize,
-                ),
+                latencies,
                 clock: self.clock.unwrap_or_else(|| Arc::new(TokioClock::new())),
                 config: c,
             }),
