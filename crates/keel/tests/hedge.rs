@@ -281,3 +281,126 @@ async fn the_tower_layer_hedges_requests_its_predicate_marks_idempotent() {
     assert_eq!(start.elapsed(), 1000 * MS);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_refused_by_an_inner_bulkhead_does_not_cancel_the_running_attempt() {
+    // One seat: the primary holds it, the hedge is refused at once. The
+    // refusal is no answer; the primary's result is the call's.
+    let pipeline = Pipeline::builder()
+        .hedge(hedge(50, 1))
+        .bulkhead(
+            keel::bulkhead::Bulkhead::builder("one")
+                .max_concurrent(1)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    let dep = Scripted::new(vec![(200, Ok(1)), (10, Ok(2))]);
+    let start = Instant::now();
+    let got = pipeline.call_idempotent(|| dep.attempt()).await;
+    assert_eq!(got.unwrap(), 1);
+    assert_eq!(start.elapsed(), 200 * MS);
+    assert_eq!(dep.started().len(), 1, "the refused hedge never ran");
+    assert!(dep.cancelled().is_empty(), "the primary was not cancelled");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_refused_by_an_inner_rate_limit_or_open_breaker_waits_for_the_primary() {
+    // Burst 1: the primary takes the only token and the hedge is limited.
+    let limiter = keel::rate_limit::RateLimiter::builder("one")
+        .per_second(0.001)
+        .burst(1)
+        .clock(keel::clock::TokioClock::new())
+        .build()
+        .unwrap();
+    let hedging = hedge(50, 2);
+    let pipeline = Pipeline::builder()
+        .hedge(hedging.clone())
+        .rate_limit(limiter)
+        .build();
+    let dep = Scripted::new(vec![(300, Ok(1)), (10, Ok(2)), (10, Ok(3))]);
+    assert_eq!(pipeline.call_idempotent(|| dep.attempt()).await.unwrap(), 1);
+    assert_eq!(dep.started().len(), 1);
+    assert!(dep.cancelled().is_empty());
+    assert_eq!(hedging.hedges_started(), 2, "both hedges were refused");
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_attempt_is_refused_the_refusal_is_returned() {
+    let bulkhead = keel::bulkhead::Bulkhead::builder("none")
+        .max_concurrent(1)
+        .build()
+        .unwrap();
+    let _held = bulkhead.try_acquire_owned().unwrap();
+    let pipeline = Pipeline::builder()
+        .hedge(hedge(50, 1))
+        .bulkhead(bulkhead.clone())
+        .build();
+    let dep = Scripted::new(vec![(10, Ok(1))]);
+    let start = Instant::now();
+    let got = pipeline.call_idempotent(|| dep.attempt()).await;
+    assert!(matches!(got, Err(Error::BulkheadFull)), "{got:?}");
+    assert_eq!(start.elapsed(), Duration::ZERO, "no attempt left: at once");
+    assert!(dep.started().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_hedged_call_cancels_every_attempt_in_flight() {
+    let dep = Scripted::new(vec![(1000, Ok(1)), (1000, Ok(2)), (1000, Ok(3))]);
+    let hedge = hedge(50, 2);
+    let call = hedge.call(Idempotent(|| dep.attempt()));
+    let outcome = tokio::time::timeout(120 * MS, call).await;
+    assert!(outcome.is_err(), "still running at 120ms");
+    assert_eq!(dep.started().len(), 3);
+    let mut cancelled = dep.cancelled();
+    cancelled.sort_unstable();
+    assert_eq!(cancelled, vec![0, 1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_answers_move_the_quantile_delay() {
+    let hedge = Hedge::builder()
+        .quantile_delay(0.5, 500 * MS, 100, 4)
+        .build()
+        .unwrap();
+    for _ in 0..4 {
+        let dep = Scripted::new(vec![(100, Ok(1))]);
+        hedge.call(Idempotent(|| dep.attempt())).await.unwrap();
+    }
+    assert_eq!(hedge.delay(), 100 * MS);
+    // A dependency failing at once: its failures are not latencies.
+    for _ in 0..20 {
+        let dep = Scripted::new(vec![(0, Err("down")), (0, Err("down"))]);
+        hedge.call(Idempotent(|| dep.attempt())).await.unwrap_err();
+    }
+    assert_eq!(hedge.delay(), 100 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tower_layer_over_a_full_bulkhead_keeps_the_primary() {
+    // The bulkhead's seat is taken in poll_ready: the primary holds it and
+    // the hedge's clone is refused there.
+    let calls = Arc::new(AtomicU32::new(0));
+    let service = {
+        let calls = calls.clone();
+        tower::service_fn(move |req: &'static str| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(200 * MS).await;
+                Ok::<_, std::io::Error>(format!("{req}#{n}"))
+            }
+        })
+    };
+    let bulkhead = keel::bulkhead::Bulkhead::builder("one")
+        .max_concurrent(1)
+        .build()
+        .unwrap();
+    let svc = tower::Layer::layer(&keel::bulkhead::BulkheadLayer::new(bulkhead), service);
+    let layer = HedgeLayer::new(hedge(50, 1), |_: &&str| true);
+    let mut svc = tower::Layer::layer(&layer, svc);
+    let start = Instant::now();
+    let got = svc.ready().await.unwrap().call("GET /stock").await.unwrap();
+    assert_eq!(got, "GET /stock#0");
+    assert_eq!(start.elapsed(), 200 * MS);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -13,7 +13,11 @@
 //!   p95: about one call in twenty is hedged), with a fixed delay until
 //!   enough calls are measured.
 //! - An attempt that fails with a retryable error starts the next hedge at
-//!   once; a success, or a failure the classifier calls final, wins.
+//!   once; a success, or a failure the classifier calls final, wins. An
+//!   attempt keel itself refused (a full bulkhead, an open breaker, a rate
+//!   limit, shed) is no answer: the others keep running, and the refusal is
+//!   the result only if nothing else answers.
+//! - With a quantile delay, only successful calls are measured.
 //! - At most `max_hedged_attempts` extra attempts per call.
 //! - Only operations the caller marks idempotent are hedged: running one
 //!   twice at the same time must be harmless. [`Hedge::call`] takes an
@@ -293,24 +297,33 @@ impl Hedge {
         let mut may_hedge = true;
         let mut last: Option<Result<T, Error<E>>> = None;
 
-        let result = poll_fn(|cx| loop {
-            // A result is final unless it is a retryable failure.
-            let judge = |r: Result<T, Error<E>>, last: &mut Option<_>| {
-                let (verdict, r) = classify_lifted(classifier, r);
-                if verdict.outcome == Outcome::Failure && verdict.retryable {
-                    *last = Some(r);
+        let (result, outcome) = poll_fn(|cx| loop {
+            let mut failed = false;
+            let mut judge = |r: Result<T, Error<E>>| match Judged::of(classifier, r) {
+                Judged::Final(r, outcome) => Some((r, outcome)),
+                Judged::Retryable(r) => {
+                    failed = true;
+                    last = Some(r);
                     None
-                } else {
-                    Some(r)
+                }
+                // Keel refused this attempt (a full bulkhead, an open
+                // breaker, a limit): it is no answer and says nothing about
+                // the attempts still running, which keep racing. A hedge
+                // started now would be refused the same way, so the next
+                // one waits for the delay. The refusal is the call's result
+                // only when nothing better comes.
+                Judged::Rejected(r) => {
+                    if last.is_none() {
+                        last = Some(r);
+                    }
+                    None
                 }
             };
-            let mut failed = false;
             if primary_running {
                 if let Poll::Ready(r) = primary.as_mut().poll(cx) {
                     primary_running = false;
-                    match judge(r, &mut last) {
-                        Some(win) => return Poll::Ready(win),
-                        None => failed = true,
+                    if let Some(win) = judge(r) {
+                        return Poll::Ready(win);
                     }
                 }
             }
@@ -318,9 +331,8 @@ impl Hedge {
             while i < hedges.len() {
                 if let Poll::Ready(r) = hedges[i].as_mut().poll(cx) {
                     drop(hedges.swap_remove(i));
-                    match judge(r, &mut last) {
-                        Some(win) => return Poll::Ready(win),
-                        None => failed = true,
+                    if let Some(win) = judge(r) {
+                        return Poll::Ready(win);
                     }
                 } else {
                     i += 1;
@@ -344,14 +356,42 @@ impl Hedge {
                 may_hedge = false; // the budget is spent
             }
             if !primary_running && hedges.is_empty() {
-                return Poll::Ready(last.take().expect("a finished attempt left its result"));
+                let r = last.take().expect("a finished attempt left its result");
+                return Poll::Ready((r, Outcome::Failure));
             }
             return Poll::Pending;
         })
         .await;
-        if let (Some(window), Some(start)) = (&inner.latencies, start) {
+        // Only answers the dependency gave measure its latency: counting
+        // instant failures and refusals would pull the quantile, and so the
+        // hedge delay, towards zero just when the dependency is in trouble.
+        if let (Some(window), Some(start), Outcome::Success) = (&inner.latencies, start, outcome) {
             window.record(duration_nanos(inner.clock.now().saturating_sub(start)));
         }
         result
+    }
+}
+
+/// What one finished attempt means to the race.
+enum Judged<T, E> {
+    /// A success, or a failure not worth another attempt: the call's result.
+    Final(Result<T, Error<E>>, Outcome),
+    /// A failure another attempt may fix.
+    Retryable(Result<T, Error<E>>),
+    /// Keel refused the attempt without running it.
+    Rejected(Result<T, Error<E>>),
+}
+
+impl<T, E> Judged<T, E> {
+    fn of<C: Classify<T, E> + ?Sized>(classifier: &C, r: Result<T, Error<E>>) -> Self {
+        if matches!(&r, Err(e) if e.is_rejection()) {
+            return Judged::Rejected(r);
+        }
+        let (verdict, r) = classify_lifted(classifier, r);
+        if verdict.outcome == Outcome::Failure && verdict.retryable {
+            Judged::Retryable(r)
+        } else {
+            Judged::Final(r, verdict.outcome)
+        }
     }
 }
