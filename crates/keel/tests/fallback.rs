@@ -314,4 +314,31 @@ mod tower_layer {
         let b = get("/b").await.unwrap();
         assert_eq!((b.value.as_str(), b.source), ("default", Source::Default));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_bulkhead_under_the_layer_is_answered_by_the_chain() {
+        let bulkhead = keel::bulkhead::Bulkhead::builder("one")
+            .max_concurrent(1)
+            .build()
+            .unwrap();
+        let held = bulkhead.try_acquire_owned().unwrap();
+        let service = tower::ServiceBuilder::new()
+            .layer(keel::bulkhead::BulkheadLayer::new(bulkhead))
+            .service_fn(|path: String| async move { Ok::<_, std::io::Error>(path) });
+        let fallback = Fallback::builder().value(|| "busy".to_string()).build();
+        let layer = FallbackLayer::new(fallback, |path: &String| path.clone());
+        let mut svc = tower::Layer::layer(&layer, service);
+
+        let served = svc.ready().await.unwrap().call("/a".into()).await.unwrap();
+        assert_eq!(
+            (served.value.as_str(), served.source),
+            ("busy", Source::Default)
+        );
+        drop(held);
+        let served = svc.ready().await.unwrap().call("/a".into()).await.unwrap();
+        assert_eq!(
+            (served.value.as_str(), served.source),
+            ("/a", Source::Primary)
+        );
+    }
 }

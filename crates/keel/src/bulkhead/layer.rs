@@ -2,18 +2,22 @@
 //!
 //! A seat is taken in `poll_ready` (waiting in the queue as configured), as
 //! `tower::limit::ConcurrencyLimit` does, and held by the response future
-//! until it completes or is dropped. A full bulkhead makes `poll_ready`
-//! return `Error::BulkheadFull`.
+//! until it completes or is dropped. A full bulkhead (no queue, a full
+//! queue, or `queue_timeout` passed) does not fail `poll_ready`: the service
+//! is ready, and the call's future resolves at once to
+//! `Error::BulkheadFull`, as every keel admission layer rejects. So outer
+//! layers (fallback, retry, hedge, metrics) see the rejection as the call's
+//! result, and a tower `Buffer` or balancer is never told the service broke.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{Bulkhead, BulkheadFull, OwnedPermit};
+use crate::admission::Finish;
 use crate::error::{lift_boxed, BoxError, ServiceError};
 use crate::Error;
 
@@ -51,7 +55,8 @@ pub struct BulkheadService<S> {
     inner: S,
     bulkhead: Bulkhead,
     waiting: Option<Acquire>,
-    seat: Option<OwnedPermit>,
+    /// What `poll_ready` decided for the next call: a seat, or a refusal.
+    seat: Option<Result<OwnedPermit, BulkheadFull>>,
 }
 
 impl<S: Clone> Clone for BulkheadService<S> {
@@ -70,7 +75,7 @@ impl<S> std::fmt::Debug for BulkheadService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BulkheadService")
             .field("bulkhead", &self.bulkhead)
-            .field("has_seat", &self.seat.is_some())
+            .field("has_seat", &matches!(self.seat, Some(Ok(_))))
             .finish_non_exhaustive()
     }
 }
@@ -92,55 +97,46 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if matches!(self.seat, Some(Err(_))) {
+            self.seat = None; // a refusal is not sticky: ask again
+        }
         if self.seat.is_none() {
             let seat = match self.waiting.as_mut() {
                 Some(waiting) => ready!(waiting.as_mut().poll(cx)),
                 None => match self.bulkhead.try_acquire_owned() {
-                    Ok(seat) => Ok(seat),
                     Err(_) if self.bulkhead.inner.max_queue > 0 => {
                         self.waiting = Some(Box::pin(self.bulkhead.acquire_owned()));
                         return self.poll_ready(cx);
                     }
-                    Err(full) => Err(full),
+                    decided => decided,
                 },
             };
             self.waiting = None;
-            self.seat = Some(seat.map_err(Error::from)?);
+            self.seat = Some(seat);
         }
-        self.inner.poll_ready(cx).map_err(lift_boxed)
+        match self.seat {
+            Some(Ok(_)) => self.inner.poll_ready(cx).map_err(lift_boxed),
+            // Refused: `call` answers without the inner service.
+            _ => Poll::Ready(Ok(())),
+        }
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let seat = self
+        match self
             .seat
             .take()
-            .expect("BulkheadService::call without a successful poll_ready");
-        ResponseFuture {
-            inner: self.inner.call(req),
-            _seat: seat,
+            .expect("BulkheadService::call without a successful poll_ready")
+        {
+            Ok(seat) => ResponseFuture::admitted(self.inner.call(req), seat),
+            Err(full) => ResponseFuture::rejected(full.into()),
         }
     }
 }
 
-pin_project! {
-    /// The future of [`BulkheadService`]: holds the call's seat until it
-    /// completes or is dropped.
-    #[derive(Debug)]
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        _seat: OwnedPermit,
-    }
-}
+/// The future of [`BulkheadService`]: holds the call's seat until it
+/// completes or is dropped, or answers `Error::BulkheadFull`.
+pub type ResponseFuture<F> = crate::admission::ResponseFuture<F, OwnedPermit>;
 
-impl<F, T, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<T, Error<ServiceError>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx).map(|r| r.map_err(lift_boxed))
-    }
+impl Finish for OwnedPermit {
+    fn finish(self, _: bool) {}
 }

@@ -99,8 +99,9 @@ where
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // keel's admission layers reject in `call`, where the chain sees
-        // it; an error here means the service is broken, not busy.
+        // keel's admission layers (the bulkhead too) stay ready and reject
+        // in `call`, where the chain sees it; an error here means the
+        // service is broken, not busy.
         self.inner.poll_ready(cx).map_err(lift_boxed)
     }
 
