@@ -121,7 +121,8 @@ async fn the_pipeline_step_and_tower_layer_share_the_seats() {
     // The pipeline holds the only seat while its call runs.
     let mut call = spawn(pipeline.call(std::future::pending::<Result<(), ()>>));
     assert_pending!(call.poll());
-    let err = svc.ready().await.unwrap_err();
+    // The service stays ready; the call is refused as the call's result.
+    let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
     assert!(matches!(err, Error::BulkheadFull), "{err:?}");
     assert!(matches!(
         pipeline.call(|| async { Ok::<_, ()>(()) }).await,
@@ -395,10 +396,61 @@ mod thread_pool {
         drop(pool.run(move || r.fetch_add(1, Ordering::SeqCst)));
         release.send(()).unwrap();
         a.await.unwrap();
-        // One thread, FIFO: once this job has run, the withdrawn one was
-        // taken off the queue before it.
+        // One thread, FIFO: once this job has run, the withdrawn one would
+        // have run before it.
         assert_eq!(pool.run(|| 7).await.unwrap(), 7);
         assert_eq!(ran.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_job_gives_its_place_back_at_once() {
+        let pool = ThreadPool::builder("p")
+            .threads(1)
+            .max_queue(1)
+            .build()
+            .unwrap();
+        let (a, release, started) = blocker(&pool);
+        started.recv().unwrap();
+        let queued = pool.run(|| 1);
+        assert_eq!(pool.metrics().queued, 1);
+        drop(queued);
+        assert_eq!(pool.metrics().queued, 0);
+        // The place is free while the worker is still blocked.
+        let next = pool.run(|| 2);
+        release.send(()).unwrap();
+        a.await.unwrap();
+        assert_eq!(next.await.unwrap(), 2);
+    }
+
+    /// Panics when dropped: a result nobody waits for any more.
+    struct Explosive;
+
+    impl Drop for Explosive {
+        fn drop(&mut self) {
+            panic!("dropped");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_dropping_an_undelivered_result_does_not_kill_the_worker() {
+        let pool = ThreadPool::builder("p")
+            .threads(1)
+            .max_queue(1)
+            .build()
+            .unwrap();
+        let (release, gate) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel::<()>();
+        let abandoned = pool.run(move || {
+            let _ = started_tx.send(());
+            gate.recv().unwrap();
+            Explosive
+        });
+        started.recv().unwrap();
+        drop(abandoned); // the caller stops waiting; the job runs on
+        release.send(()).unwrap();
+        // The worker dropped the result (and its panic) and lives on.
+        assert_eq!(pool.run(|| 3).await.unwrap(), 3);
+        assert_eq!(pool.metrics().busy, 0);
     }
 
     #[tokio::test]
@@ -489,8 +541,8 @@ mod thread_pool {
         /// Against a model of a FIFO pool: a submission is admitted exactly
         /// when fewer than threads + max_queue jobs are held; at most
         /// `threads` run; a cancelled queued job never runs and gives its
-        /// place back when a worker reaches it; and when every job is let
-        /// go the pool is empty.
+        /// place back at once; and when every job is let go the pool is
+        /// empty.
         #[test]
         fn the_pool_never_leaks_or_over_admits(
             threads in 1u32..=3,
@@ -533,19 +585,22 @@ mod thread_pool {
                         if jobs.is_empty() {
                             continue;
                         }
+                        // A queued job leaves the queue at once; a running
+                        // one runs on until released.
                         let i = n % jobs.len();
-                        jobs[i].run = None;
+                        if jobs[i].running {
+                            jobs[i].run = None;
+                        } else {
+                            jobs.remove(i);
+                        }
                     }
                 }
-                // The model's workers: free ones take queued jobs in order,
-                // skipping (and forgetting) withdrawn ones.
+                // The model's workers: free ones take queued jobs in order.
                 let mut busy = jobs.iter().filter(|j| j.running).count() as u32;
                 let mut i = 0;
                 while i < jobs.len() && busy < threads {
                     if jobs[i].running {
                         i += 1;
-                    } else if jobs[i].run.is_none() {
-                        jobs.remove(i);
                     } else {
                         jobs[i].running = true;
                         ever_started.push(jobs[i].id);

@@ -25,9 +25,10 @@
 //! ```
 //!
 //! A caller that stops waiting (drops the future) before its job starts
-//! takes the job out of the work: a worker skips it. A job that has started
-//! runs to the end (a thread cannot be cancelled). A job that panics
-//! resumes the panic in the caller that awaits it; the worker survives.
+//! takes the job out of the queue, and its place is free at once. A job
+//! that has started runs to the end (a thread cannot be cancelled). A job
+//! that panics resumes the panic in the caller that awaits it; the worker
+//! survives, whatever panics (the job, or dropping what it left behind).
 //!
 //! The workers finish the queued jobs and exit when the last handle to the
 //! pool is dropped.
@@ -123,6 +124,7 @@ impl ThreadPoolBuilder {
             max_queue: c.max_queue,
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
+                next_id: 0,
                 busy: 0,
                 rejected: 0,
                 closing: false,
@@ -147,7 +149,11 @@ impl ThreadPoolBuilder {
 
 /// A queued job; it calls `Shared::finished` before its caller can see the
 /// result, so the metrics never show a delivered job as busy.
-type Job = Box<dyn FnOnce(&Shared) + Send>;
+struct Job {
+    /// Finds the job in the queue when its caller withdraws it.
+    id: u64,
+    run: Box<dyn FnOnce(&Shared) + Send>,
+}
 
 struct Shared {
     name: Arc<str>,
@@ -159,6 +165,7 @@ struct Shared {
 
 struct State {
     jobs: VecDeque<Job>,
+    next_id: u64,
     busy: u32,
     rejected: u64,
     closing: bool,
@@ -183,8 +190,11 @@ impl Shared {
                     };
                 }
             };
-            // The job catches its own panic (see `ThreadPool::run`).
-            job(self);
+            // The job catches its own panic and reports it to its caller
+            // (see `ThreadPool::run`); this catches what it cannot: a panic
+            // while dropping a withdrawn closure or an undelivered result,
+            // after the job has counted itself finished. The worker lives.
+            let _ = panic::catch_unwind(AssertUnwindSafe(|| (job.run)(self)));
         }
     }
 
@@ -272,10 +282,11 @@ impl ThreadPool {
     {
         let shared = &self.handle.0;
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |shared| {
+        let run = Box::new(move |shared: &Shared| {
             if tx.is_closed() {
-                // The caller stopped waiting before the job started.
+                // The caller stopped waiting as a worker took the job.
                 shared.finished();
+                drop(f);
                 return;
             }
             let result = panic::catch_unwind(AssertUnwindSafe(f));
@@ -292,10 +303,16 @@ impl ThreadPool {
                 name: shared.name.clone(),
             })));
         }
-        state.jobs.push_back(job);
+        let id = state.next_id;
+        state.next_id += 1;
+        state.jobs.push_back(Job { id, run });
         drop(state);
         shared.work.notify_one();
-        Run(Ok(rx))
+        Run(Ok(Queued {
+            rx,
+            id,
+            pool: shared.clone(),
+        }))
     }
 
     /// A snapshot of threads and queue.
@@ -312,9 +329,28 @@ impl ThreadPool {
 }
 
 /// The result of a job run on a [`ThreadPool`]. Dropping it before the job
-/// starts withdraws the job.
+/// starts withdraws the job and frees its place in the queue.
 #[must_use = "the job is withdrawn if this is dropped before it starts"]
-pub struct Run<R>(Result<oneshot::Receiver<thread::Result<R>>, Option<BulkheadFull>>);
+pub struct Run<R>(Result<Queued<R>, Option<BulkheadFull>>);
+
+struct Queued<R> {
+    rx: oneshot::Receiver<thread::Result<R>>,
+    id: u64,
+    pool: Arc<Shared>,
+}
+
+impl<R> Drop for Queued<R> {
+    fn drop(&mut self) {
+        // Still queued? Take it out (and drop it outside the lock: its
+        // closure's captures are the caller's). Started or done: nothing.
+        let withdrawn = {
+            let mut state = lock(&self.pool.state);
+            let at = state.jobs.iter().position(|job| job.id == self.id);
+            at.and_then(|at| state.jobs.remove(at))
+        };
+        drop(withdrawn);
+    }
+}
 
 impl<R> fmt::Debug for Run<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -331,7 +367,7 @@ impl<R> Future for Run<R> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.0 {
             Err(full) => Poll::Ready(Err(full.take().expect("`Run` polled after completion"))),
-            Ok(rx) => match std::task::ready!(Pin::new(rx).poll(cx)) {
+            Ok(queued) => match std::task::ready!(Pin::new(&mut queued.rx).poll(cx)) {
                 Ok(Ok(value)) => Poll::Ready(Ok(value)),
                 Ok(Err(payload)) => panic::resume_unwind(payload),
                 // A queued job is always run (workers drain the queue before
