@@ -69,16 +69,19 @@ pub mod events;
 pub mod fallback;
 pub mod hedge;
 mod latency;
+pub mod observe;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod retry;
 pub mod shed;
 mod sync;
+mod telemetry;
 pub mod timeout;
 mod window;
 
 pub use error::{BoxError, ConfigError, Error, ServiceError};
 pub use pipeline::Pipeline;
+pub use telemetry::describe_metrics;
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

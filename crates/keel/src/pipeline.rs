@@ -39,6 +39,7 @@ use crate::circuit_breaker::CircuitBreaker;
 use crate::classify::{classify_lifted, Classify, DefaultClassifier, Outcome};
 use crate::error::LiftErr;
 use crate::hedge::Hedge;
+use crate::observe::Observer;
 use crate::rate_limit::RateLimiter;
 use crate::retry::Retry;
 use crate::shed::Prioritized;
@@ -285,6 +286,24 @@ impl Step for Prioritized {
     }
 }
 
+impl sealed::Sealed for Observer {}
+impl Step for Observer {
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        cx: Ctx<'a, C>,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        Observer::run(self, cx.classifier, op())
+    }
+}
+
 /// Policies composed around closure calls. Build with [`Pipeline::builder`].
 #[derive(Debug, Clone)]
 pub struct Pipeline<S = Identity, C = DefaultClassifier> {
@@ -380,6 +399,12 @@ impl<S, C> PipelineBuilder<S, C> {
     /// shed calls fail with `Error::Shed` without running.
     pub fn shed(self, shedder: Prioritized) -> PipelineBuilder<Stack<S, Prioritized>, C> {
         self.push(shedder)
+    }
+
+    /// Measures the calls (the golden signals, see [`crate::observe`]);
+    /// added first, it measures what the caller sees, retries included.
+    pub fn observe(self, observer: Observer) -> PipelineBuilder<Stack<S, Observer>, C> {
+        self.push(observer)
     }
 
     /// Sets the classifier every step uses (default: `Ok` succeeds, `Err`

@@ -47,7 +47,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::bulkhead::BulkheadFull;
 use crate::clock::{Clock, ClockSource, SharedClock};
+use crate::events::{Policy, PolicyEvents, Reason};
 use crate::sync::{lock, Mutex};
+use crate::telemetry::{self, Refusals};
 use crate::{ConfigError, Error};
 
 /// One finished call, as a limit algorithm sees it.
@@ -431,6 +433,16 @@ impl Builder {
         let limit = algorithm.initial_limit().max(1);
         Ok(AdaptiveLimiter {
             inner: Arc::new(Inner {
+                refusals: Refusals::new(
+                    Policy::AdaptiveLimit,
+                    &self.name,
+                    Reason::ConcurrencyLimit,
+                ),
+                limit_gauge: {
+                    let gauge = telemetry::gauge(telemetry::CONCURRENCY_LIMIT, &self.name);
+                    gauge.set(f64::from(limit));
+                    gauge
+                },
                 name: self.name,
                 limit: AtomicU32::new(limit),
                 in_flight: AtomicU32::new(0),
@@ -451,6 +463,8 @@ pub struct AdaptiveLimiter {
 
 struct Inner {
     name: Arc<str>,
+    refusals: Refusals,
+    limit_gauge: metrics::Gauge,
     limit: AtomicU32,
     in_flight: AtomicU32,
     rejected: AtomicU64,
@@ -513,6 +527,7 @@ impl Permit {
         let old = inner.limit.swap(new, Ordering::AcqRel);
         drop(algorithm);
         if old != new {
+            inner.limit_gauge.set(f64::from(new));
             tracing::debug!(target: "keel::adaptive", limiter = %inner.name, old, new, "limit changed");
         }
     }
@@ -533,6 +548,11 @@ impl AdaptiveLimiter {
             algorithm: Ok(Box::new(Gradient2::default())),
             clock: None,
         }
+    }
+
+    /// The limiter's events: rejected calls.
+    pub fn events(&self) -> &PolicyEvents {
+        self.inner.refusals.events()
     }
 
     /// The limiter's name.
@@ -562,7 +582,7 @@ impl AdaptiveLimiter {
         loop {
             if in_flight >= inner.limit.load(Ordering::Acquire) {
                 inner.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(target: "keel::adaptive", limiter = %inner.name, in_flight, "call rejected: at the limit");
+                inner.refusals.refuse(None);
                 return Err(BulkheadFull {
                     name: inner.name.clone(),
                 });

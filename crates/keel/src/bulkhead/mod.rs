@@ -49,8 +49,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::Gauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+
+use crate::events::{EventKind, Policy, PolicyEvents, Reason};
+use crate::telemetry;
 
 use crate::{ConfigError, Error};
 
@@ -153,9 +157,18 @@ impl Builder {
                 ),
             ));
         }
+        let policy = Policy::Bulkhead;
+        let in_use = telemetry::gauge(telemetry::BULKHEAD_IN_USE, &self.name);
+        let queued = telemetry::gauge(telemetry::BULKHEAD_QUEUED, &self.name);
+        in_use.set(0.0);
+        queued.set(0.0);
         Ok(Bulkhead {
             seats: Arc::new(Semaphore::new(c.max_concurrent as usize)),
             inner: Arc::new(Inner {
+                events: PolicyEvents::new(policy, self.name.clone()),
+                rejections: telemetry::rejections(policy, &self.name, Reason::BulkheadFull),
+                in_use,
+                queued,
                 name: self.name,
                 max_concurrent: c.max_concurrent,
                 max_queue: c.max_queue,
@@ -183,6 +196,10 @@ struct Inner {
     queue_timeout: Duration,
     waiting: AtomicU32,
     rejected: AtomicU64,
+    events: PolicyEvents,
+    rejections: metrics::Counter,
+    in_use: Gauge,
+    queued: Gauge,
 }
 
 impl fmt::Debug for Bulkhead {
@@ -239,6 +256,7 @@ impl<E> From<BulkheadFull> for Error<E> {
 #[derive(Debug)]
 pub struct Permit<'a> {
     _seat: SemaphorePermit<'a>,
+    in_use: &'a Gauge,
 }
 
 /// A seat that owns a handle to its bulkhead (for `'static` futures).
@@ -246,6 +264,22 @@ pub struct Permit<'a> {
 #[derive(Debug)]
 pub struct OwnedPermit {
     _seat: OwnedSemaphorePermit,
+    /// A no-op unless a metrics recorder was installed.
+    in_use: Gauge,
+}
+
+impl Drop for Permit<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.in_use.decrement(1.0);
+    }
+}
+
+impl Drop for OwnedPermit {
+    #[inline]
+    fn drop(&mut self) {
+        self.in_use.decrement(1.0);
+    }
 }
 
 impl Bulkhead {
@@ -266,7 +300,7 @@ impl Bulkhead {
     #[inline]
     pub fn try_acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
         match self.seats.try_acquire() {
-            Ok(seat) => Ok(Permit { _seat: seat }),
+            Ok(seat) => Ok(self.seated(seat)),
             Err(_) => Err(self.reject("no seat free")),
         }
     }
@@ -274,7 +308,7 @@ impl Bulkhead {
     /// Like [`try_acquire`](Self::try_acquire), with an owned permit.
     pub fn try_acquire_owned(&self) -> Result<OwnedPermit, BulkheadFull> {
         match self.seats.clone().try_acquire_owned() {
-            Ok(seat) => Ok(OwnedPermit { _seat: seat }),
+            Ok(seat) => Ok(self.seated_owned(seat)),
             Err(_) => Err(self.reject("no seat free")),
         }
     }
@@ -283,10 +317,10 @@ impl Bulkhead {
     /// most `queue_timeout`. Dropping the future gives its place back.
     pub async fn acquire(&self) -> Result<Permit<'_>, BulkheadFull> {
         if let Ok(seat) = self.seats.try_acquire() {
-            return Ok(Permit { _seat: seat });
+            return Ok(self.seated(seat));
         }
         let seat = self.wait(self.seats.acquire()).await?;
-        Ok(Permit { _seat: seat })
+        Ok(self.seated(seat))
     }
 
     /// Like [`acquire`](Self::acquire), with an owned permit.
@@ -297,11 +331,34 @@ impl Bulkhead {
         async move {
             let seats = this.seats.clone();
             if let Ok(seat) = seats.clone().try_acquire_owned() {
-                return Ok(OwnedPermit { _seat: seat });
+                return Ok(this.seated_owned(seat));
             }
             let seat = this.wait(seats.acquire_owned()).await?;
-            Ok(OwnedPermit { _seat: seat })
+            Ok(this.seated_owned(seat))
         }
+    }
+
+    #[inline]
+    fn seated<'a>(&'a self, seat: SemaphorePermit<'a>) -> Permit<'a> {
+        self.inner.in_use.increment(1.0);
+        Permit {
+            _seat: seat,
+            in_use: &self.inner.in_use,
+        }
+    }
+
+    #[inline]
+    fn seated_owned(&self, seat: OwnedSemaphorePermit) -> OwnedPermit {
+        self.inner.in_use.increment(1.0);
+        OwnedPermit {
+            _seat: seat,
+            in_use: self.inner.in_use.clone(),
+        }
+    }
+
+    /// The bulkhead's events: rejected calls.
+    pub fn events(&self) -> &PolicyEvents {
+        &self.inner.events
     }
 
     /// Waits for `seat` (the semaphore's acquire) in a place in the queue,
@@ -347,7 +404,10 @@ impl Bulkhead {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
                 (w < max).then_some(w + 1)
             })
-            .map(|_| Place(&self.inner.waiting))
+            .map(|_| {
+                self.inner.queued.increment(1.0);
+                Place(&self.inner)
+            })
             .map_err(|_| self.reject("no seat free and the queue is full"))
     }
 
@@ -356,7 +416,12 @@ impl Bulkhead {
     #[inline(never)]
     fn reject(&self, why: &'static str) -> BulkheadFull {
         self.inner.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(target: "keel::bulkhead", bulkhead = %self.inner.name, reason = why, "call rejected");
+        self.inner.rejections.increment(1);
+        tracing::trace!(target: "keel::bulkhead", bulkhead = %self.inner.name, why);
+        self.inner.events.emit(EventKind::Rejected {
+            reason: Reason::BulkheadFull,
+            retry_after: None,
+        });
         BulkheadFull {
             name: self.inner.name.clone(),
         }
@@ -364,10 +429,11 @@ impl Bulkhead {
 }
 
 /// A place in the queue, given back when the wait ends (or is cancelled).
-struct Place<'a>(&'a AtomicU32);
+struct Place<'a>(&'a Inner);
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.queued.decrement(1.0);
     }
 }

@@ -46,6 +46,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::BulkheadFull;
+use crate::events::{Policy, PolicyEvents, Reason};
+use crate::telemetry::{self, Refusals};
 use crate::ConfigError;
 
 /// A thread pool's configuration, as data.
@@ -119,6 +121,9 @@ impl ThreadPoolBuilder {
             ));
         }
         let shared = Arc::new(Shared {
+            refusals: Refusals::new(Policy::ThreadPool, &self.name, Reason::BulkheadFull),
+            busy_gauge: telemetry::gauge(telemetry::BULKHEAD_IN_USE, &self.name),
+            queued_gauge: telemetry::gauge(telemetry::BULKHEAD_QUEUED, &self.name),
             name: self.name,
             threads: c.threads,
             max_queue: c.max_queue,
@@ -131,6 +136,7 @@ impl ThreadPoolBuilder {
             }),
             work: Condvar::new(),
         });
+        shared.show(&lock(&shared.state));
         for i in 0..c.threads {
             let worker = shared.clone();
             thread::Builder::new()
@@ -157,6 +163,9 @@ struct Job {
 
 struct Shared {
     name: Arc<str>,
+    refusals: Refusals,
+    busy_gauge: metrics::Gauge,
+    queued_gauge: metrics::Gauge,
     threads: u32,
     max_queue: u32,
     state: Mutex<State>,
@@ -179,6 +188,7 @@ impl Shared {
                 loop {
                     if let Some(job) = state.jobs.pop_front() {
                         state.busy += 1;
+                        self.show(&state);
                         break job;
                     }
                     if state.closing {
@@ -199,7 +209,15 @@ impl Shared {
     }
 
     fn finished(&self) {
-        lock(&self.state).busy -= 1;
+        let mut state = lock(&self.state);
+        state.busy -= 1;
+        self.show(&state);
+    }
+
+    /// Sets the gauges (callers hold the state lock, so they are in order).
+    fn show(&self, state: &State) {
+        self.busy_gauge.set(f64::from(state.busy));
+        self.queued_gauge.set(state.jobs.len() as f64);
     }
 
     fn close(&self) {
@@ -263,6 +281,11 @@ impl ThreadPool {
         }
     }
 
+    /// The pool's events: rejected jobs.
+    pub fn events(&self) -> &PolicyEvents {
+        self.handle.0.refusals.events()
+    }
+
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.handle.0.name
@@ -298,7 +321,7 @@ impl ThreadPool {
         if held >= u64::from(shared.threads) + u64::from(shared.max_queue) {
             state.rejected += 1;
             drop(state);
-            tracing::debug!(target: "keel::bulkhead", pool = %shared.name, "job rejected: every thread busy and the queue full");
+            shared.refusals.refuse(None);
             return Run(Err(Some(BulkheadFull {
                 name: shared.name.clone(),
             })));
@@ -306,6 +329,7 @@ impl ThreadPool {
         let id = state.next_id;
         state.next_id += 1;
         state.jobs.push_back(Job { id, run });
+        shared.show(&state);
         drop(state);
         shared.work.notify_one();
         Run(Ok(Queued {
@@ -346,7 +370,9 @@ impl<R> Drop for Queued<R> {
         let withdrawn = {
             let mut state = lock(&self.pool.state);
             let at = state.jobs.iter().position(|job| job.id == self.id);
-            at.and_then(|at| state.jobs.remove(at))
+            let withdrawn = at.and_then(|at| state.jobs.remove(at));
+            self.pool.show(&state);
+            withdrawn
         };
         drop(withdrawn);
     }

@@ -80,8 +80,9 @@ use std::time::Duration;
 use crate::classify::{classify_lifted, Classify, Outcome};
 use crate::clock::{duration_nanos, Clock, ClockSource, SharedClock};
 use crate::error::{check_fraction, ConfigError};
-use crate::events::Listeners;
+use crate::events::{EventKind, Listeners, Policy, PolicyEvents, Reason};
 use crate::sync::{lock, AtomicU64, Mutex, Ordering};
+use crate::telemetry;
 use crate::Error;
 use window::{Calls, Counts, FAILED, SLOW};
 
@@ -427,8 +428,12 @@ impl Builder {
             open_backoff: self.open_backoff,
             trip,
         };
+        let telemetry = Telemetry::new(&self.name);
+        telemetry.show_state(State::Closed);
         Ok(CircuitBreaker {
             shared: Arc::new(Shared {
+                events: PolicyEvents::new(Policy::CircuitBreaker, self.name.clone()),
+                telemetry,
                 name: self.name,
                 clock: ClockSource::new(self.clock),
                 state: AtomicU64::new(CLOSED),
@@ -467,6 +472,56 @@ struct Shared {
     /// `open_backoff`).
     opens_since_close: Mutex<u32>,
     listeners: Listeners<StateTransition>,
+    events: PolicyEvents,
+    telemetry: Telemetry,
+}
+
+/// The breaker's metric handles.
+struct Telemetry {
+    calls: telemetry::Calls,
+    rejected: metrics::Counter,
+    /// One gauge per state, in `STATES` order.
+    states: Vec<(State, metrics::Gauge)>,
+    failure_rate: metrics::Gauge,
+}
+
+const STATES: [State; 5] = [
+    State::Closed,
+    State::Open,
+    State::HalfOpen,
+    State::ForcedOpen,
+    State::Disabled,
+];
+
+impl Telemetry {
+    fn new(name: &Arc<str>) -> Self {
+        let policy = Policy::CircuitBreaker;
+        Telemetry {
+            calls: telemetry::Calls::new(policy, name),
+            rejected: telemetry::rejections(policy, name, Reason::CircuitOpen),
+            states: STATES
+                .iter()
+                .map(|&state| {
+                    let gauge = metrics::gauge!(
+                        telemetry::BREAKER_STATE,
+                        "name" => name.to_string(),
+                        "state" => state.as_str()
+                    );
+                    (state, gauge)
+                })
+                .collect(),
+            failure_rate: telemetry::gauge(telemetry::BREAKER_FAILURE_RATE, name),
+        }
+    }
+
+    fn show_state(&self, now: State) {
+        for (state, gauge) in &self.states {
+            gauge.set(if *state == now { 1.0 } else { 0.0 });
+        }
+        if now == State::Closed {
+            self.failure_rate.set(0.0);
+        }
+    }
 }
 
 impl fmt::Debug for CircuitBreaker {
@@ -541,6 +596,11 @@ impl CircuitBreaker {
         &self.shared.name
     }
 
+    /// The breaker's events: state changes and rejected calls.
+    pub fn events(&self) -> &PolicyEvents {
+        &self.shared.events
+    }
+
     /// Asks to make a call. The permit records the call's outcome; dropping
     /// it unrecorded counts as [`Outcome::Ignore`].
     #[inline]
@@ -587,8 +647,8 @@ impl CircuitBreaker {
     }
 
     /// Calls `listener` on every state transition, on the thread that caused
-    /// it. Transitions are also `tracing` events (target
-    /// `keel::circuit_breaker`).
+    /// it. Transitions are also [events](Self::events) (and so `tracing`
+    /// events, target `keel`).
     pub fn on_state_transition(&self, listener: impl Fn(&StateTransition) + Send + Sync + 'static) {
         self.shared.listeners.add(listener);
     }
@@ -689,15 +749,15 @@ impl Shared {
         }
     }
 
+    #[cold]
     fn reject(&self, state: State, retry_after: Duration) -> Rejected {
         self.not_permitted.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(
-            target: "keel::circuit_breaker",
-            breaker = %self.name,
-            state = state.as_str(),
-            ?retry_after,
-            "call not permitted"
-        );
+        self.telemetry.calls.rejected();
+        self.telemetry.rejected.increment(1);
+        self.events.emit(EventKind::Rejected {
+            reason: Reason::CircuitOpen,
+            retry_after: Some(retry_after),
+        });
         Rejected {
             retry_after,
             state,
@@ -707,6 +767,9 @@ impl Shared {
 
     #[inline]
     fn record(&self, ticket: Ticket, outcome: Outcome) {
+        if ticket.state() != DONE {
+            self.telemetry.calls.record(outcome);
+        }
         match ticket.state() {
             CLOSED if outcome != Outcome::Ignore => {
                 self.record_closed(ticket, outcome == Outcome::Failure)
@@ -742,6 +805,9 @@ impl Shared {
         match self.config.trip {
             Trip::Rate => {
                 if let Some(c) = counts {
+                    if c.calls > 0 {
+                        self.telemetry.failure_rate.set(rate(c.failed, c.calls));
+                    }
                     if self.config.rates_reached(c, self.config.minimum_calls) {
                         self.trip_closed(word);
                     }
@@ -926,11 +992,8 @@ impl Shared {
     }
 
     fn announce(&self, from: State, to: State) {
-        if to == State::Open || to == State::ForcedOpen {
-            tracing::warn!(target: "keel::circuit_breaker", breaker = %self.name, from = from.as_str(), to = to.as_str(), "circuit breaker state transition");
-        } else {
-            tracing::info!(target: "keel::circuit_breaker", breaker = %self.name, from = from.as_str(), to = to.as_str(), "circuit breaker state transition");
-        }
+        self.telemetry.show_state(to);
+        self.events.emit(EventKind::StateChanged { from, to });
         self.listeners.emit(&StateTransition {
             name: self.name.clone(),
             from,

@@ -63,6 +63,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::{EventKind, Policy, PolicyEvents};
+use crate::telemetry;
 use crate::{ConfigError, Error};
 
 /// Where an answer came from.
@@ -79,6 +81,18 @@ pub enum Source {
     Alternate,
     /// The default value.
     Default,
+}
+
+impl Source {
+    /// Lower-case name, as in metric labels and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Primary => "primary",
+            Source::Stale { .. } => "stale",
+            Source::Alternate => "alternate",
+            Source::Default => "default",
+        }
+    }
 }
 
 /// An answer and where it came from.
@@ -188,6 +202,7 @@ enum Level<T, E, K> {
 
 /// Builds a [`Fallback`]: levels are tried in the order they are added.
 pub struct FallbackBuilder<T, E, K = ()> {
+    name: Arc<str>,
     levels: Vec<Level<T, E, K>>,
     trigger: Option<Trigger<E>>,
 }
@@ -248,6 +263,13 @@ impl<T, E, K> FallbackBuilder<T, E, K> {
         self
     }
 
+    /// The name in events and metrics: the dependency it stands in for
+    /// (default `"default"`).
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// Which errors trigger the chain (default: every error).
     pub fn on(mut self, trigger: impl Fn(&Error<E>) -> bool + Send + Sync + 'static) -> Self {
         self.trigger = Some(Arc::new(trigger));
@@ -261,6 +283,15 @@ impl<T, E, K> FallbackBuilder<T, E, K> {
                 levels: self.levels,
                 trigger: self.trigger,
                 served: Default::default(),
+                used: ["stale", "alternate", "default", "graceful"].map(|source| {
+                    telemetry::describe_metrics();
+                    metrics::counter!(
+                        telemetry::FALLBACKS,
+                        "name" => self.name.to_string(),
+                        "source" => source
+                    )
+                }),
+                events: PolicyEvents::new(Policy::Fallback, self.name),
             }),
         }
     }
@@ -275,6 +306,9 @@ struct Inner<T, E, K> {
     levels: Vec<Level<T, E, K>>,
     trigger: Option<Trigger<E>>,
     served: [AtomicU64; 6],
+    /// `keel_fallbacks_total` for STALE, ALTERNATE, DEFAULT, GRACEFUL.
+    used: [metrics::Counter; 4],
+    events: PolicyEvents,
 }
 
 impl<T, E, K> Clone for Fallback<T, E, K> {
@@ -331,6 +365,7 @@ impl Fallback<(), (), ()> {
     /// An empty chain to add levels to.
     pub fn builder<T, E, K>() -> FallbackBuilder<T, E, K> {
         FallbackBuilder {
+            name: "default".into(),
             levels: Vec::new(),
             trigger: None,
         }
@@ -338,6 +373,11 @@ impl Fallback<(), (), ()> {
 }
 
 impl<T, E, K> Fallback<T, E, K> {
+    /// The chain's events: fallbacks used.
+    pub fn events(&self) -> &PolicyEvents {
+        &self.inner.events
+    }
+
     /// How calls were answered so far.
     pub fn metrics(&self) -> FallbackMetrics {
         let n = |i: usize| self.inner.served[i].load(Ordering::Relaxed);
@@ -418,11 +458,16 @@ impl<T: Clone, E, K: Hash + Eq + Clone> Fallback<T, E, K> {
                 ),
                 Level::Graceful(graceful) => {
                     self.count(GRACEFUL);
+                    self.inner.used[GRACEFUL - STALE].increment(1);
                     return Err(Error::Inner(graceful(&err)));
                 }
             };
-            tracing::debug!(target: "keel::fallback", level = level.name(), error = ?ErrorKind::of(&err), "fallback used");
+            tracing::trace!(target: "keel::fallback", error = ?ErrorKind::of(&err));
             self.count(i);
+            self.inner.used[i - STALE].increment(1);
+            self.inner.events.emit(EventKind::FallbackUsed {
+                source: served.source,
+            });
             return Ok(served);
         }
         self.count(FAILED);

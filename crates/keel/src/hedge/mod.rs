@@ -65,8 +65,10 @@ use tokio::time::Sleep;
 use crate::classify::{classify_lifted, Classify, DefaultClassifier, Outcome};
 use crate::clock::{duration_nanos, Clock, SharedClock, TokioClock};
 use crate::error::LiftErr;
+use crate::events::{EventKind, Policy, PolicyEvents, Reason};
 use crate::latency::LatencyWindow;
 use crate::retry::RetryBudget;
+use crate::telemetry;
 use crate::{ConfigError, Error};
 
 /// An operation its caller declares safe to run more than once at the same
@@ -127,6 +129,7 @@ impl HedgeConfig {
 /// Builds a [`Hedge`]; defaults are [`HedgeConfig`]'s.
 #[derive(Debug, Clone)]
 pub struct HedgeBuilder {
+    name: Arc<str>,
     config: HedgeConfig,
     budget: Option<RetryBudget>,
     clock: Option<SharedClock>,
@@ -135,6 +138,13 @@ pub struct HedgeBuilder {
 impl HedgeBuilder {
     fn config(mut self, config: HedgeConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// The name in events and metrics: the dependency hedged (default
+    /// `"default"`).
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
         self
     }
 
@@ -195,6 +205,13 @@ impl HedgeBuilder {
             .transpose()?;
         Ok(Hedge {
             inner: Arc::new(Inner {
+                events: PolicyEvents::new(Policy::Hedge, self.name.clone()),
+                started: telemetry::counter(telemetry::HEDGES, &self.name),
+                budget_spent: telemetry::rejections(
+                    Policy::Hedge,
+                    &self.name,
+                    Reason::BudgetExhausted,
+                ),
                 delay: c.delay,
                 max_hedged: c.max_hedged_attempts,
                 latencies,
@@ -214,6 +231,9 @@ pub struct Hedge {
 }
 
 struct Inner {
+    events: PolicyEvents,
+    started: metrics::Counter,
+    budget_spent: metrics::Counter,
     delay: Duration,
     max_hedged: u32,
     latencies: Option<LatencyWindow>,
@@ -236,6 +256,7 @@ impl Hedge {
     /// A builder with the defaults of [`HedgeConfig`].
     pub fn builder() -> HedgeBuilder {
         HedgeBuilder {
+            name: "default".into(),
             config: HedgeConfig::default(),
             budget: None,
             clock: None,
@@ -249,6 +270,11 @@ impl Hedge {
             .as_ref()
             .and_then(LatencyWindow::get)
             .map_or(self.inner.delay, Duration::from_nanos)
+    }
+
+    /// The policy's events: hedges started, hedges the budget refused.
+    pub fn events(&self) -> &PolicyEvents {
+        &self.inner.events
     }
 
     /// Hedges started since the policy was built.
@@ -349,11 +375,19 @@ impl Hedge {
                 if inner.budget.as_ref().is_none_or(RetryBudget::try_withdraw) {
                     hedged += 1;
                     inner.hedges.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(target: "keel::hedge", attempt = hedged + 1, "hedge started");
+                    inner.started.increment(1);
+                    inner.events.emit(EventKind::HedgeStarted {
+                        attempt: hedged + 1,
+                    });
                     hedges.push(Box::pin(op()));
                     continue; // poll it
                 }
                 may_hedge = false; // the budget is spent
+                inner.budget_spent.increment(1);
+                inner.events.emit(EventKind::Rejected {
+                    reason: Reason::BudgetExhausted,
+                    retry_after: None,
+                });
             }
             if !primary_running && hedges.is_empty() {
                 let r = last.take().expect("a finished attempt left its result");

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use super::{limited, Rate, RateLimited};
 use crate::clock::ClockSource;
+use crate::events::{Policy, PolicyEvents, Reason};
 use crate::sync::{lock, Mutex};
+use crate::telemetry::Refusals;
 
 /// Where a keyed limiter keeps its state: one `u64` per key (the key's
 /// theoretical arrival time in the limiter's clock's nanoseconds; 0 means
@@ -166,6 +168,7 @@ pub struct KeyedRateLimiter<K, S = InMemoryStore<K>> {
     rate: Rate,
     clock: ClockSource,
     store: S,
+    refusals: Refusals,
     _key: std::marker::PhantomData<fn(&K)>,
 }
 
@@ -182,12 +185,18 @@ impl<K, S: fmt::Debug> fmt::Debug for KeyedRateLimiter<K, S> {
 impl<K, S: StateStore<K>> KeyedRateLimiter<K, S> {
     pub(super) fn new(name: Arc<str>, rate: Rate, clock: ClockSource, store: S) -> Self {
         KeyedRateLimiter {
+            refusals: Refusals::new(Policy::RateLimiter, &name, Reason::RateLimited),
             name,
             rate,
             clock,
             store,
             _key: std::marker::PhantomData,
         }
+    }
+
+    /// The limiter's events: rejected requests.
+    pub fn events(&self) -> &PolicyEvents {
+        self.refusals.events()
     }
 
     /// The store.
@@ -215,6 +224,6 @@ impl<K, S: StateStore<K>> KeyedRateLimiter<K, S> {
                     None
                 }
             });
-        verdict.map_err(|retry_after| limited(&self.name, retry_after))
+        verdict.map_err(|retry_after| limited(&self.refusals, retry_after))
     }
 }

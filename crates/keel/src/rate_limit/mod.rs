@@ -51,6 +51,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{duration_nanos, Clock, ClockSource, SharedClock};
+use crate::events::{Policy, PolicyEvents, Reason};
+use crate::telemetry::Refusals;
 use crate::{ConfigError, Error};
 use window::Windowed;
 
@@ -290,6 +292,7 @@ impl Builder {
         let (name, rate, clock) = self.parts()?;
         Ok(RateLimiter {
             inner: Arc::new(Inner {
+                refusals: Refusals::new(Policy::RateLimiter, &name, Reason::RateLimited),
                 name,
                 rate,
                 clock,
@@ -360,6 +363,7 @@ struct Inner {
     /// The window algorithm, if not GCRA.
     windowed: Option<Box<Windowed>>,
     window: Duration,
+    refusals: Refusals,
     /// On a cache line of its own: every admission writes it, and the rate
     /// and clock beside it are read by every check on every core.
     tat: Padded,
@@ -390,6 +394,11 @@ impl RateLimiter {
         }
     }
 
+    /// The limiter's events: rejected requests.
+    pub fn events(&self) -> &PolicyEvents {
+        self.inner.refusals.events()
+    }
+
     /// Admits one request, or says when it would be admitted.
     #[inline]
     pub fn check(&self) -> Result<(), RateLimited> {
@@ -406,7 +415,7 @@ impl RateLimiter {
         if let Some(windowed) = &inner.windowed {
             return windowed
                 .check(now, n)
-                .map_err(|retry_after| limited(&inner.name, retry_after));
+                .map_err(|retry_after| limited(&inner.refusals, retry_after));
         }
         let mut tat = inner.tat.0.load(Ordering::Acquire);
         loop {
@@ -420,7 +429,7 @@ impl RateLimiter {
                     Ok(_) => return Ok(()),
                     Err(actual) => tat = actual,
                 },
-                Err(retry_after) => return Err(limited(&inner.name, retry_after)),
+                Err(retry_after) => return Err(limited(&inner.refusals, retry_after)),
             }
         }
     }
@@ -456,9 +465,9 @@ impl RateLimiter {
     }
 }
 
-/// A rejection, traced.
+/// A rejection, counted and published.
 #[cold]
-fn limited(name: &str, retry_after: Duration) -> RateLimited {
-    tracing::debug!(target: "keel::rate_limit", limiter = %name, ?retry_after, "rate limited");
+fn limited(refusals: &Refusals, retry_after: Duration) -> RateLimited {
+    refusals.refuse(Some(retry_after));
     RateLimited { retry_after }
 }

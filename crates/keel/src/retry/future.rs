@@ -23,6 +23,7 @@ use tokio::time::Sleep;
 use super::{give_up, Config, GiveUp};
 use crate::classify::{classify_lifted, Classify, Verdict};
 use crate::error::LiftErr;
+use crate::events::EventKind;
 use crate::Error;
 
 /// Makes the future of each attempt, with keel's error type.
@@ -174,7 +175,7 @@ fn schedule<T, E>(
     result: Result<T, Error<E>>,
 ) -> Result<Duration, Result<T, Error<E>>> {
     if attempt >= cfg.max_attempts {
-        return Err(give_up(result, attempt, GiveUp::MaxAttempts));
+        return Err(give_up(cfg, result, attempt, GiveUp::MaxAttempts));
     }
     let delay = match verdict.retry_after {
         Some(hint) => hint.min(cfg.max_retry_after),
@@ -183,21 +184,18 @@ fn schedule<T, E>(
     if let (Some(limit), Some(start)) = (cfg.time_budget, start) {
         let elapsed = cfg.clock.now().saturating_sub(start);
         if elapsed.saturating_add(delay) >= limit {
-            return Err(give_up(result, attempt, GiveUp::TimeBudget));
+            return Err(give_up(cfg, result, attempt, GiveUp::TimeBudget));
         }
     }
     if let Some(budget) = &cfg.budget {
         if !budget.try_withdraw() {
-            return Err(give_up(result, attempt, GiveUp::RetryBudget));
+            return Err(give_up(cfg, result, attempt, GiveUp::RetryBudget));
         }
     }
-    tracing::debug!(
-        target: "keel::retry",
-        attempt,
-        next_attempt = attempt + 1,
-        ?delay,
-        server_hint = verdict.retry_after.is_some(),
-        "retry scheduled"
-    );
+    cfg.retries.increment(1);
+    cfg.events.emit(EventKind::RetryScheduled {
+        attempt: attempt + 1,
+        delay,
+    });
     Ok(delay)
 }

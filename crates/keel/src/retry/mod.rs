@@ -54,6 +54,8 @@ use std::time::Duration;
 
 use crate::classify::{Classify, DefaultClassifier};
 use crate::clock::{Clock, SharedClock, TokioClock};
+use crate::events::{EventKind, Policy, PolicyEvents, Reason};
+use crate::telemetry;
 use crate::{ConfigError, Error};
 use future::{Lifted, Raw, RetryFuture};
 
@@ -64,6 +66,10 @@ pub struct Retry {
 }
 
 struct Config {
+    name: Arc<str>,
+    events: PolicyEvents,
+    retries: metrics::Counter,
+    budget_spent: metrics::Counter,
     max_attempts: u32,
     backoff: Backoff,
     jitter: Jitter,
@@ -78,6 +84,7 @@ impl fmt::Debug for Retry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.inner;
         f.debug_struct("Retry")
+            .field("name", &c.name)
             .field("max_attempts", &c.max_attempts)
             .field("backoff", &c.backoff)
             .field("jitter", &c.jitter)
@@ -91,6 +98,7 @@ impl fmt::Debug for Retry {
 /// Builds a [`Retry`].
 #[derive(Debug, Clone)]
 pub struct Builder {
+    name: Arc<str>,
     max_attempts: u32,
     backoff: Backoff,
     jitter: Jitter,
@@ -102,6 +110,13 @@ pub struct Builder {
 }
 
 impl Builder {
+    /// The name in events and metrics: the dependency retried (default
+    /// `"default"`).
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// Attempts in all, the first call included (default 3, at least 1).
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n;
@@ -163,8 +178,13 @@ impl Builder {
         if self.time_budget == Some(Duration::ZERO) {
             return Err(ConfigError::new("time_budget", "must be longer than zero"));
         }
+        let policy = Policy::Retry;
         Ok(Retry {
             inner: Arc::new(Config {
+                events: PolicyEvents::new(policy, self.name.clone()),
+                retries: telemetry::counter(telemetry::RETRIES, &self.name),
+                budget_spent: telemetry::rejections(policy, &self.name, Reason::BudgetExhausted),
+                name: self.name,
                 max_attempts: self.max_attempts,
                 backoff: self.backoff,
                 jitter: self.jitter,
@@ -202,6 +222,7 @@ impl Retry {
     /// A builder with the defaults.
     pub fn builder() -> Builder {
         Builder {
+            name: "default".into(),
             max_attempts: 3,
             backoff: Backoff::exponential(Duration::from_millis(100))
                 .max_delay(Duration::from_secs(10)),
@@ -212,6 +233,16 @@ impl Retry {
             rng: None,
             clock: None,
         }
+    }
+
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The policy's events: retries scheduled, retries the budget refused.
+    pub fn events(&self) -> &PolicyEvents {
+        &self.inner.events
     }
 
     /// Attempts in all, the first included.
@@ -260,8 +291,20 @@ impl Retry {
     }
 }
 
-fn give_up<T, E>(result: Result<T, Error<E>>, attempts: u32, why: GiveUp) -> Result<T, Error<E>> {
-    tracing::debug!(target: "keel::retry", attempts, reason = why.as_str(), "retries exhausted");
+fn give_up<T, E>(
+    cfg: &Config,
+    result: Result<T, Error<E>>,
+    attempts: u32,
+    why: GiveUp,
+) -> Result<T, Error<E>> {
+    if why == GiveUp::RetryBudget {
+        cfg.budget_spent.increment(1);
+        cfg.events.emit(EventKind::Rejected {
+            reason: Reason::BudgetExhausted,
+            retry_after: None,
+        });
+    }
+    tracing::debug!(target: "keel::retry", retry = %cfg.name, attempts, reason = why.as_str(), "retries exhausted");
     result.map_err(|last| Error::RetriesExhausted {
         attempts,
         last: Box::new(last),

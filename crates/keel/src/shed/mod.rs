@@ -48,7 +48,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{duration_nanos, Clock, ClockSource, SharedClock};
+use crate::events::{Policy, PolicyEvents, Reason};
 use crate::sync::{lock, Mutex};
+use crate::telemetry::Refusals;
 use crate::{ConfigError, Error};
 
 /// How much a call matters, most important first.
@@ -245,6 +247,7 @@ impl Builder {
         };
         Ok(LoadShedder {
             inner: Arc::new(Inner {
+                refusals: Refusals::new(Policy::Shed, &self.name, Reason::Shed(Priority::Low)),
                 name: self.name,
                 capacity: c.capacity,
                 thresholds: [at(c.low_at), at(c.medium_at), at(c.high_at)],
@@ -266,6 +269,7 @@ pub struct LoadShedder {
 
 struct Inner {
     name: Arc<str>,
+    refusals: Refusals,
     capacity: u32,
     /// In-flight counts at which levels 1, 2, 3 begin.
     thresholds: [u32; 3],
@@ -372,6 +376,11 @@ impl LoadShedder {
         }
     }
 
+    /// The shedder's events: shed calls.
+    pub fn events(&self) -> &PolicyEvents {
+        self.inner.refusals.events()
+    }
+
     /// The shedder's name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -407,7 +416,8 @@ impl LoadShedder {
     fn shed(&self, priority: Priority, level: u8) -> Shed {
         let inner = &self.inner;
         inner.shed[priority.index()].fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(target: "keel::shed", shedder = %inner.name, %priority, level, "call shed");
+        tracing::trace!(target: "keel::shed", shedder = %inner.name, level);
+        inner.refusals.refuse_because(Reason::Shed(priority), None);
         Shed {
             name: inner.name.clone(),
             priority,

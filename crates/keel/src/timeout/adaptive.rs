@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Timed;
+use super::{Timed, Watch};
 use crate::clock::{duration_nanos, Clock, SharedClock, TokioClock};
 use crate::error::LiftErr;
+use crate::events::PolicyEvents;
 use crate::latency::LatencyWindow;
 use crate::{ConfigError, Error};
 
@@ -76,11 +77,19 @@ impl AdaptiveTimeoutConfig {
 /// Builds an [`AdaptiveTimeout`]; defaults are [`AdaptiveTimeoutConfig`]'s.
 #[derive(Debug, Clone)]
 pub struct AdaptiveTimeoutBuilder {
+    name: Arc<str>,
     config: AdaptiveTimeoutConfig,
     clock: Option<SharedClock>,
 }
 
 impl AdaptiveTimeoutBuilder {
+    /// The name in events and metrics: the dependency timed (default
+    /// `"default"`).
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     fn config(mut self, config: AdaptiveTimeoutConfig) -> Self {
         self.config = config;
         self
@@ -148,6 +157,7 @@ impl AdaptiveTimeoutBuilder {
         }
         Ok(AdaptiveTimeout {
             inner: Arc::new(Inner {
+                watch: Watch::new(self.name),
                 latencies,
                 clock: self.clock.unwrap_or_else(|| Arc::new(TokioClock::new())),
                 config: c,
@@ -190,6 +200,7 @@ pub struct AdaptiveTimeout {
 }
 
 struct Inner {
+    watch: Watch,
     latencies: LatencyWindow,
     clock: SharedClock,
     config: AdaptiveTimeoutConfig,
@@ -207,6 +218,7 @@ impl AdaptiveTimeout {
     /// A builder with the defaults of [`AdaptiveTimeoutConfig`].
     pub fn builder() -> AdaptiveTimeoutBuilder {
         AdaptiveTimeoutBuilder {
+            name: "default".into(),
             config: AdaptiveTimeoutConfig::default(),
             clock: None,
         }
@@ -221,6 +233,15 @@ impl AdaptiveTimeout {
                 .mul_f64(c.multiplier)
                 .clamp(c.min, c.max),
         }
+    }
+
+    /// The timeout's events: calls timed out.
+    pub fn events(&self) -> &PolicyEvents {
+        self.inner.watch.events()
+    }
+
+    pub(crate) fn watch(&self) -> &Watch {
+        &self.inner.watch
     }
 
     pub(crate) fn now(&self) -> Duration {
@@ -255,7 +276,7 @@ impl AdaptiveTimeout {
             }
             Err(elapsed) => {
                 self.record(after);
-                Err(elapsed.into_error())
+                Err(elapsed.into_error(Some(&self.inner.watch)))
             }
         }
     }

@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{AdaptiveTimeout, Timed, Timeout};
+use super::{AdaptiveTimeout, Timed, Timeout, Watch};
 use crate::error::{lift_boxed, BoxError, ServiceError};
 use crate::Error;
 
@@ -19,14 +19,17 @@ use crate::Error;
 #[derive(Debug, Clone)]
 pub struct TimeoutLayer {
     after: Duration,
+    watch: Option<Watch>,
     adaptive: Option<AdaptiveTimeout>,
 }
 
 impl TimeoutLayer {
     /// Calls may take at most `after`.
     pub fn new(timeout: impl Into<Timeout>) -> Self {
+        let timeout = timeout.into();
         TimeoutLayer {
-            after: timeout.into().duration(),
+            after: timeout.after,
+            watch: timeout.watch,
             adaptive: None,
         }
     }
@@ -36,6 +39,7 @@ impl TimeoutLayer {
     pub fn adaptive(timeout: AdaptiveTimeout) -> Self {
         TimeoutLayer {
             after: Duration::ZERO,
+            watch: Some(timeout.watch().clone()),
             adaptive: Some(timeout),
         }
     }
@@ -48,6 +52,7 @@ impl<S> Layer<S> for TimeoutLayer {
         TimeoutService {
             inner,
             after: self.after,
+            watch: self.watch.clone(),
             adaptive: self.adaptive.clone(),
         }
     }
@@ -58,6 +63,7 @@ impl<S> Layer<S> for TimeoutLayer {
 pub struct TimeoutService<S> {
     inner: S,
     after: Duration,
+    watch: Option<Watch>,
     adaptive: Option<AdaptiveTimeout>,
 }
 
@@ -91,6 +97,7 @@ where
         };
         ResponseFuture {
             timed: Timed::new(self.inner.call(req), after),
+            watch: self.watch.clone(),
             meter,
         }
     }
@@ -102,6 +109,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         timed: Timed<F>,
+        watch: Option<Watch>,
         // An adaptive timeout, when the call started, its timeout.
         meter: Option<(AdaptiveTimeout, Duration, Duration)>,
     }
@@ -125,7 +133,7 @@ where
         }
         match outcome {
             Ok(result) => Poll::Ready(result.map_err(lift_boxed)),
-            Err(elapsed) => Poll::Ready(Err(elapsed.into_error())),
+            Err(elapsed) => Poll::Ready(Err(elapsed.into_error(this.watch.as_ref()))),
         }
     }
 }

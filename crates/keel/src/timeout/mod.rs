@@ -35,6 +35,7 @@ pub use layer::{ResponseFuture, TimeoutLayer, TimeoutService};
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,18 +43,73 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use crate::error::LiftErr;
+use crate::events::{EventKind, Policy, PolicyEvents};
+use crate::telemetry;
 use crate::Error;
 
-/// A fixed timeout per call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A fixed timeout per call. A named timeout ([`Timeout::named`]) also
+/// publishes an event and counts `keel_timeouts_total` when it fires; an
+/// unnamed one only traces.
+#[derive(Debug, Clone)]
 pub struct Timeout {
     after: Duration,
+    watch: Option<Watch>,
+}
+
+impl PartialEq for Timeout {
+    fn eq(&self, other: &Self) -> bool {
+        self.after == other.after
+            && self.watch.as_ref().map(|w| w.0.events.name())
+                == other.watch.as_ref().map(|w| w.0.events.name())
+    }
+}
+
+/// A timeout's events and metric.
+#[derive(Clone)]
+pub(crate) struct Watch(Arc<WatchInner>);
+
+struct WatchInner {
+    events: PolicyEvents,
+    timeouts: metrics::Counter,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.events.name())
+    }
+}
+
+impl Watch {
+    pub(crate) fn new(name: Arc<str>) -> Self {
+        Watch(Arc::new(WatchInner {
+            timeouts: telemetry::counter(telemetry::TIMEOUTS, &name),
+            events: PolicyEvents::new(Policy::Timeout, name),
+        }))
+    }
+
+    pub(crate) fn events(&self) -> &PolicyEvents {
+        &self.0.events
+    }
 }
 
 impl Timeout {
     /// A timeout of `after`.
     pub const fn new(after: Duration) -> Self {
-        Timeout { after }
+        Timeout { after, watch: None }
+    }
+
+    /// A timeout of `after` for the dependency `name`, with events and
+    /// metrics.
+    pub fn named(name: impl Into<Arc<str>>, after: Duration) -> Self {
+        Timeout {
+            after,
+            watch: Some(Watch::new(name.into())),
+        }
+    }
+
+    /// The timeout's events (a named timeout's), when it fires.
+    pub fn events(&self) -> Option<&PolicyEvents> {
+        self.watch.as_ref().map(Watch::events)
     }
 
     /// How long calls may take.
@@ -78,7 +134,7 @@ impl Timeout {
     {
         match Timed::new(op(), self.after).await {
             Ok(result) => result,
-            Err(elapsed) => Err(elapsed.into_error()),
+            Err(elapsed) => Err(elapsed.into_error(self.watch.as_ref())),
         }
     }
 }
@@ -94,8 +150,17 @@ impl From<Duration> for Timeout {
 pub(crate) struct Elapsed(Duration);
 
 impl Elapsed {
-    pub(crate) fn into_error<E>(self) -> Error<E> {
-        tracing::debug!(target: "keel::timeout", after = ?self.0, "call timed out");
+    #[cold]
+    pub(crate) fn into_error<E>(self, watch: Option<&Watch>) -> Error<E> {
+        match watch {
+            Some(watch) => {
+                watch.0.timeouts.increment(1);
+                watch.0.events.emit(EventKind::TimedOut { after: self.0 });
+            }
+            None => {
+                tracing::debug!(target: "keel", policy = "timeout", after = ?self.0, "call timed out")
+            }
+        }
         Error::Timeout { after: self.0 }
     }
 }
