@@ -67,6 +67,7 @@ pub mod config;
 mod error;
 pub mod events;
 pub mod fallback;
+pub mod health;
 pub mod hedge;
 mod latency;
 pub mod observe;
