@@ -130,6 +130,18 @@ impl<E> Error<E> {
         )
     }
 
+    /// The refusal that ended the call, if keel refused it: this error when
+    /// it is a rejection, or the last attempt's when retries ended on one
+    /// (for example an open breaker whose wait outlasts the time budget).
+    /// Its [`retry_after`](Self::retry_after) says when to come back.
+    pub fn rejection(&self) -> Option<&Error<E>> {
+        match self {
+            Error::RetriesExhausted { last, .. } => last.rejection(),
+            e if e.is_rejection() => Some(e),
+            _ => None,
+        }
+    }
+
     /// Maps the operation's error, keeping keel's own variants.
     pub fn map_inner<F, G: FnOnce(E) -> F>(self, f: G) -> Error<F> {
         match self {

@@ -48,7 +48,7 @@ impl<S> Layer<S> for BulkheadLayer {
     }
 }
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedPermit, BulkheadFull>> + Send>>;
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedPermit, BulkheadFull>> + Send + Sync>>;
 
 /// A service behind a bulkhead. See [`BulkheadLayer`].
 pub struct BulkheadService<S> {

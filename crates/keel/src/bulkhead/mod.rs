@@ -326,7 +326,7 @@ impl Bulkhead {
     /// Like [`acquire`](Self::acquire), with an owned permit.
     pub fn acquire_owned(
         &self,
-    ) -> impl Future<Output = Result<OwnedPermit, BulkheadFull>> + Send + 'static {
+    ) -> impl Future<Output = Result<OwnedPermit, BulkheadFull>> + Send + Sync + 'static {
         let this = self.clone();
         async move {
             let seats = this.seats.clone();

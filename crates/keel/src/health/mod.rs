@@ -296,7 +296,7 @@ impl HealthRegistry {
                 "checks run in the background: register them inside a tokio runtime",
             )
         })?;
-        let up = gauge(&check.name, check.kind);
+        let up = gauge(&check.name, check.kind, check.required);
         up.set(0.0);
         let last = Arc::new(Mutex::new(CheckReport {
             status: Status::Down,
@@ -324,7 +324,7 @@ impl HealthRegistry {
         required: bool,
     ) -> Result<(), ConfigError> {
         let breaker = breaker.clone();
-        let up = gauge(breaker.name(), kind);
+        let up = gauge(breaker.name(), kind, required);
         self.add(Registered {
             name: breaker.name().to_string(),
             kind,
@@ -385,9 +385,14 @@ impl HealthRegistry {
     }
 }
 
-fn gauge(check: &str, kind: Kind) -> metrics::Gauge {
+fn gauge(check: &str, kind: Kind, required: bool) -> metrics::Gauge {
     telemetry::describe_metrics();
-    metrics::gauge!(telemetry::HEALTH, "check" => check.to_string(), "kind" => kind.as_str())
+    metrics::gauge!(
+        telemetry::HEALTH,
+        "check" => check.to_string(),
+        "kind" => kind.as_str(),
+        "required" => if required { "true" } else { "false" }
+    )
 }
 
 /// One check's background loop: run under the timeout (in a task of its

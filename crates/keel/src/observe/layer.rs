@@ -95,7 +95,7 @@ where
         if let Some(mut guard) = this.guard.take() {
             match &result {
                 Ok(_) => guard.finish(Outcome::Success),
-                Err(e) if e.is_rejection() => guard.rejected(),
+                Err(e) if e.rejection().is_some() => guard.rejected(),
                 Err(_) => guard.finish(Outcome::Failure),
             }
         }

@@ -8,7 +8,9 @@
 //!
 //! Outcomes are the classifier's (`success`, `failure`, `ignored`), and
 //! `rejected` when keel refused the call (breaker open, bulkhead full, rate
-//! limited, shed). A call dropped before it finished counts as `ignored`.
+//! limited, shed), also when retries ended on such a refusal
+//! ([`Error::rejection`]). A call dropped before it finished counts as
+//! `ignored`.
 //!
 //! ```
 //! use keel::observe::Observer;
@@ -104,7 +106,7 @@ impl Observer {
     {
         let mut guard = self.start();
         let result = call.await;
-        if matches!(&result, Err(e) if e.is_rejection()) {
+        if matches!(&result, Err(e) if e.rejection().is_some()) {
             guard.rejected();
             return result;
         }
