@@ -149,9 +149,47 @@ fn tower_service(c: &mut Criterion) {
     g.finish();
 }
 
+/// What metrics and events add to the breaker: the closed path with no
+/// metrics recorder, with the Prometheus exporter's recorder, and with an
+/// event subscriber attached (the closed path publishes no events); and the
+/// rejecting path, which publishes one event per call, with and without a
+/// subscriber.
+fn observability(c: &mut Criterion) {
+    let mut g = c.benchmark_group("breaker_observability");
+    let cb = keel_breaker(Window::Count(100), false);
+    g.bench_function("closed_no_recorder", |b| {
+        b.iter(|| black_box(&cb).try_acquire().unwrap().success())
+    });
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let recorded =
+        metrics::with_local_recorder(&recorder, || keel_breaker(Window::Count(100), false));
+    g.bench_function("closed_prometheus_recorder", |b| {
+        b.iter(|| black_box(&recorded).try_acquire().unwrap().success())
+    });
+    assert!(handle.render().contains("keel_circuit_breaker_state"));
+    let subscription = cb.events().subscribe(1024);
+    g.bench_function("closed_event_subscriber", |b| {
+        b.iter(|| black_box(&cb).try_acquire().unwrap().success())
+    });
+    drop(subscription);
+
+    let open = keel_breaker(Window::Count(100), false);
+    open.force_open();
+    g.bench_function("rejected_no_subscriber", |b| {
+        b.iter(|| black_box(&open).try_acquire().is_err())
+    });
+    let _subscription = open.events().subscribe(1024);
+    g.bench_function("rejected_event_subscriber", |b| {
+        b.iter(|| black_box(&open).try_acquire().is_err())
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     closed_path,
+    observability,
     time_window_size,
     two_threads,
     tower_service

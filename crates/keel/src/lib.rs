@@ -4,7 +4,8 @@
 //! breaker, retry (backoff, jitter, budgets, `Retry-After`), timeouts,
 //! bulkheads, rate limiting, load shedding, adaptive concurrency, hedging and
 //! fallback, as synchronous primitives, as an async [`Pipeline`] and as
-//! `tower` layers.
+//! `tower` layers; with metrics, typed events, traces and health checks that
+//! show what they did.
 //!
 //! ```
 //! use keel::{circuit_breaker::CircuitBreaker, retry::Retry, Pipeline};
@@ -41,12 +42,18 @@
 //! | [`hedge`] | a second attempt after a delay for idempotent calls |
 //! | [`fallback`] | stale cache, alternate source, default value, graceful error |
 //! | [`pipeline`] | composes the policies around a closure |
+//! | [`observe`] | golden signals per dependency: calls by outcome, latency, in flight |
+//! | [`events`] | typed events of every decision: subscriptions, recent events, tracing |
+//! | [`health`] | liveness, readiness and startup checks, cached, for probes |
 //! | [`classify`] | one classifier for every policy |
 //! | [`clock`] | injected time: monotonic, manual, tokio |
 //!
 //! | feature | default | enables |
 //! |---|---|---|
 //! | `tower` | yes | a `Layer` and `Service` for each policy |
+//! | `axum` | no | the health probe routes for axum |
+//!
+//! Metrics go through the `metrics` facade; `docs/METRICS.md` lists them.
 
 #![forbid(unsafe_code)]
 #![warn(

@@ -476,9 +476,10 @@ struct Shared {
     telemetry: Telemetry,
 }
 
-/// The breaker's metric handles.
+/// The breaker's metric handles. Calls are counted where the caller names
+/// the dependency (`observe`), not here: the closed path stays a load, a
+/// window update and no metric call.
 struct Telemetry {
-    calls: telemetry::Calls,
     rejected: metrics::Counter,
     /// One gauge per state, in `STATES` order.
     states: Vec<(State, metrics::Gauge)>,
@@ -497,7 +498,6 @@ impl Telemetry {
     fn new(name: &Arc<str>) -> Self {
         let policy = Policy::CircuitBreaker;
         Telemetry {
-            calls: telemetry::Calls::new(policy, name),
             rejected: telemetry::rejections(policy, name, Reason::CircuitOpen),
             states: STATES
                 .iter()
@@ -752,7 +752,6 @@ impl Shared {
     #[cold]
     fn reject(&self, state: State, retry_after: Duration) -> Rejected {
         self.not_permitted.fetch_add(1, Ordering::Relaxed);
-        self.telemetry.calls.rejected();
         self.telemetry.rejected.increment(1);
         self.events.emit(EventKind::Rejected {
             reason: Reason::CircuitOpen,
@@ -767,9 +766,6 @@ impl Shared {
 
     #[inline]
     fn record(&self, ticket: Ticket, outcome: Outcome) {
-        if ticket.state() != DONE {
-            self.telemetry.calls.record(outcome);
-        }
         match ticket.state() {
             CLOSED if outcome != Outcome::Ignore => {
                 self.record_closed(ticket, outcome == Outcome::Failure)
@@ -805,9 +801,7 @@ impl Shared {
         match self.config.trip {
             Trip::Rate => {
                 if let Some(c) = counts {
-                    if c.calls > 0 {
-                        self.telemetry.failure_rate.set(rate(c.failed, c.calls));
-                    }
+                    self.show_failure_rate(c);
                     if self.config.rates_reached(c, self.config.minimum_calls) {
                         self.trip_closed(word);
                     }
@@ -822,6 +816,16 @@ impl Shared {
                     self.consecutive.store(0, Ordering::Relaxed);
                 }
             }
+        }
+    }
+
+    /// Publishes the window's failure rate. Out of line: a count window
+    /// whose outcomes did not change does not get here, and the rest of the
+    /// recording path stays small.
+    #[inline(never)]
+    fn show_failure_rate(&self, c: Counts) {
+        if c.calls > 0 {
+            self.telemetry.failure_rate.set(rate(c.failed, c.calls));
         }
     }
 
