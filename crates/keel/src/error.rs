@@ -283,6 +283,14 @@ impl ConfigError {
         &self.reason
     }
 
+    /// Renames the field from a builder's name to a config struct's.
+    pub(crate) fn renamed(mut self, names: &[(&str, &str)]) -> Self {
+        if let Some((_, to)) = names.iter().find(|(from, _)| *from == self.field) {
+            self.field = (*to).to_string();
+        }
+        self
+    }
+
     /// Prefixes the field path, for configurations nested in others
     /// (`routes[0].retry` + `max_attempts`).
     pub fn within(mut self, parent: &str) -> Self {

@@ -610,3 +610,60 @@ fn many_threads_recording_in_closed_keep_exact_counts() {
     assert!(m.failed_calls > 0 && m.failed_calls < 1000);
     assert_eq!(cb.state(), State::Closed);
 }
+
+#[test]
+fn configuration_is_data_with_the_sidecars_names() {
+    use keel::circuit_breaker::{CircuitBreakerConfig, WindowConfig};
+    let config: CircuitBreakerConfig = toml::from_str(
+        r#"
+        failure_rate = 0.5
+        window = { kind = "count", size = 4 }
+        minimum_calls = 4
+        open_duration = "30s"
+        half_open_max_calls = 1
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.window, WindowConfig::Count { size: 4 });
+    let cb = config.build("payment").unwrap();
+    for _ in 0..4 {
+        cb.try_acquire().unwrap().failure();
+    }
+    // Opened for open_duration (on the real clock: a moment has passed).
+    let rejected = cb.try_acquire().unwrap_err();
+    assert!(rejected.retry_after <= Duration::from_secs(30));
+    assert!(rejected.retry_after > Duration::from_secs(20));
+
+    let consecutive: CircuitBreakerConfig =
+        toml::from_str("consecutive_failures = 2\nopen_duration = \"5s\"").unwrap();
+    let cb = consecutive.build("inventory").unwrap();
+    cb.try_acquire().unwrap().failure();
+    cb.try_acquire().unwrap().failure();
+    assert!(cb.try_acquire().is_err());
+
+    let time: CircuitBreakerConfig =
+        toml::from_str(r#"window = { kind = "time", duration = "10s" }"#).unwrap();
+    assert_eq!(
+        time.window,
+        WindowConfig::Time {
+            duration: Duration::from_secs(10)
+        }
+    );
+    time.build("t").unwrap();
+
+    let err = |text: &str| {
+        toml::from_str::<CircuitBreakerConfig>(text)
+            .unwrap()
+            .build("x")
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err("failure_rate = 1.5"),
+        "failure_rate: must be a fraction in (0, 1], got 1.5"
+    );
+    assert!(err("open_duration = \"0s\"").starts_with("open_duration:"));
+    assert!(err("window = { kind = \"count\", size = 0 }").starts_with("window:"));
+    let unknown = toml::from_str::<CircuitBreakerConfig>("failure_rat = 0.5").unwrap_err();
+    assert!(unknown.to_string().contains("failure_rat"), "{unknown}");
+}

@@ -382,3 +382,35 @@ fn full_jitter_uses_the_whole_range() {
         "{below_tenth} {above_nine_tenths}"
     );
 }
+
+#[test]
+fn configuration_is_data_with_the_sidecars_names() {
+    use keel::retry::{JitterKind, RetryConfig};
+    let config: RetryConfig = toml::from_str(
+        r#"
+        max_attempts = 4
+        backoff = { base = "10ms", max = "80ms", jitter = "none" }
+        budget = { ratio = 0.5 }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(config.backoff.jitter, JitterKind::None);
+    assert_eq!(config.budget.unwrap().min_per_second, 10, "the default");
+    let retry = config.build("payment").unwrap();
+    assert_eq!((retry.name(), retry.max_attempts()), ("payment", 4));
+    let defaults: RetryConfig = toml::from_str("").unwrap();
+    assert_eq!(defaults.backoff.jitter, JitterKind::Full);
+
+    let err = |text: &str| {
+        toml::from_str::<RetryConfig>(text)
+            .unwrap()
+            .build("x")
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(err("max_attempts = 0"), "max_attempts: must be at least 1");
+    assert!(err("backoff = { base = \"1s\", max = \"10ms\" }").starts_with("backoff.max:"));
+    assert!(err("budget = { ratio = -1.0 }").starts_with("budget.ratio:"));
+    let unknown = toml::from_str::<RetryConfig>("backoff = { bsae = \"1s\" }").unwrap_err();
+    assert!(unknown.to_string().contains("bsae"), "{unknown}");
+}

@@ -63,6 +63,7 @@
 //! outcome recorded after the breaker moved on is about an older state and is
 //! dropped.
 
+mod config;
 mod window;
 
 #[cfg(feature = "tower")]
@@ -70,6 +71,7 @@ mod layer;
 #[cfg(feature = "tower")]
 pub use layer::{CircuitBreakerLayer, CircuitBreakerService, ResponseFuture};
 
+pub use config::{CircuitBreakerConfig, WindowConfig};
 pub use window::Window;
 
 use std::fmt;

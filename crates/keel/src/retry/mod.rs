@@ -38,12 +38,14 @@
 
 mod backoff;
 mod budget;
+mod config;
 mod future;
 #[cfg(feature = "tower")]
 mod layer;
 
 pub use backoff::{Backoff, Jitter, Rng, SplitMix};
 pub use budget::{RetryBudget, RetryBudgetBuilder};
+pub use config::{BackoffConfig, BudgetConfig, JitterKind, RetryConfig};
 #[cfg(feature = "tower")]
 pub use layer::{RetryLayer, RetryService};
 
