@@ -1,0 +1,699 @@
+//! The sidecar's configuration: one TOML file, parsed and then checked as a
+//! whole, so that `keel check` lists every error with its field path
+//! (`routes[0].retry.max_attempts: must be at least 1`).
+//!
+//! Every field has a default except `server.listen`, `server.admin`, an
+//! upstream's `endpoints`, and a route's `name`, `path_prefix` and
+//! `upstream`; inside a policy table only `rate_limit.requests_per_second`
+//! is required. An absent policy table means the policy is off for the
+//! route. Unknown fields are errors. `docs/CONFIGURATION.md` lists them all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use keel::bulkhead::BulkheadConfig;
+use keel::circuit_breaker::CircuitBreakerConfig;
+use keel::config::format_duration;
+use keel::retry::{BackoffConfig, BudgetConfig, RetryConfig};
+use keel::shed::Priority;
+use serde::{Deserialize, Deserializer};
+
+/// One configuration error: the field's path and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Where, like `routes[0].retry.max_attempts`.
+    pub path: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+/// Every error found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and shutdown.
+    pub server: Server,
+    /// Upstreams by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Routes; the longest matching `path_prefix` wins.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Load shedding across all routes; off when absent.
+    pub load_shed: Option<LoadShed>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// The data plane's address, `host:port`.
+    pub listen: String,
+    /// The admin plane's address (health, metrics, state).
+    pub admin: String,
+    /// How long in-flight requests may take to finish on shutdown.
+    #[serde(default = "thirty_seconds", with = "keel::config::duration")]
+    pub shutdown_timeout: Duration,
+    /// A bearer token required on admin requests except the health ones.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+/// `[upstreams.<name>]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `host:port` of each endpoint.
+    pub endpoints: Vec<String>,
+    /// How long connecting to an endpoint may take (default 1s).
+    #[serde(default = "one_second", with = "keel::config::duration")]
+    pub connect_timeout: Duration,
+    /// An active health check; endpoints failing it leave the rotation.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Whether readiness depends on this upstream (default true).
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+/// An upstream's active health check.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheck {
+    /// The path asked with `GET` (default `/health`); 2xx is healthy.
+    pub path: String,
+    /// Between checks of one endpoint (default 5s).
+    #[serde(with = "keel::config::duration")]
+    pub interval: Duration,
+    /// How long a check may take (default 1s).
+    #[serde(with = "keel::config::duration")]
+    pub timeout: Duration,
+    /// Failed checks in a row that take an endpoint out (default 2).
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that put it back (default 1).
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+        }
+    }
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// The route's name (in metrics, the admin plane, errors).
+    pub name: String,
+    /// Requests whose path starts with this go here; the path is forwarded
+    /// unchanged.
+    pub path_prefix: String,
+    /// The upstream's name.
+    pub upstream: String,
+    /// Total time for a request, retries included (default 15s).
+    #[serde(default = "fifteen_seconds", with = "keel::config::duration")]
+    pub timeout: Duration,
+    /// For load shedding (default high).
+    #[serde(default = "high")]
+    pub priority: Priority,
+    /// Retries; off when absent.
+    #[serde(default)]
+    pub retry: Option<RouteRetry>,
+    /// A breaker for the route; off when absent.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// A bulkhead for the route; off when absent.
+    #[serde(default)]
+    pub bulkhead: Option<BulkheadConfig>,
+    /// A rate limit for the route; off when absent.
+    #[serde(default)]
+    pub rate_limit: Option<RouteRateLimit>,
+    /// A canned response when the route fails; off when absent.
+    #[serde(default)]
+    pub fallback: Option<RouteFallback>,
+    /// Injected faults; off when absent.
+    #[serde(default)]
+    pub fault: Option<RouteFault>,
+}
+
+/// `[routes.retry]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteRetry {
+    /// Attempts in all, the first included (default 3).
+    pub max_attempts: u32,
+    /// Time for one attempt; none beyond the route's timeout when absent.
+    #[serde(with = "keel::config::optional_duration")]
+    pub per_try_timeout: Option<Duration>,
+    /// What is retried (default connect-failure, reset, timeout,
+    /// gateway-error).
+    pub on: Vec<Condition>,
+    /// Backoff between attempts.
+    pub backoff: BackoffConfig,
+    /// A retry budget for the route; none when absent.
+    pub budget: Option<BudgetConfig>,
+}
+
+impl Default for RouteRetry {
+    fn default() -> Self {
+        RouteRetry {
+            max_attempts: 3,
+            per_try_timeout: None,
+            on: vec![
+                Condition::ConnectFailure,
+                Condition::Reset,
+                Condition::Timeout,
+                Condition::GatewayError,
+            ],
+            backoff: BackoffConfig::default(),
+            budget: None,
+        }
+    }
+}
+
+impl RouteRetry {
+    /// The library's retry configuration (the schedule and limits).
+    pub fn policy(&self) -> RetryConfig {
+        RetryConfig {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            time_budget: None,
+            budget: self.budget,
+        }
+    }
+}
+
+/// A failure a retry (or a fallback) reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Condition {
+    /// The upstream could not be connected to.
+    ConnectFailure,
+    /// The connection was reset before a response.
+    Reset,
+    /// The attempt (or the request) timed out.
+    Timeout,
+    /// Any 5xx response.
+    ServerError,
+    /// 502, 503 or 504.
+    GatewayError,
+    /// This status code.
+    Status(u16),
+    /// The route's breaker is open (fallback only).
+    CircuitOpen,
+    /// The route's bulkhead is full (fallback only).
+    BulkheadFull,
+    /// Over the route's rate limit (fallback only).
+    RateLimited,
+    /// Shed under load (fallback only).
+    Shed,
+}
+
+impl Condition {
+    const NAMES: &'static str = "connect-failure, reset, timeout, 5xx, gateway-error, circuit-open, bulkhead-full, rate-limited, shed, or a status code like \"429\"";
+
+    fn parse(text: &str) -> Result<Condition, String> {
+        Ok(match text {
+            "connect-failure" => Condition::ConnectFailure,
+            "reset" => Condition::Reset,
+            "timeout" => Condition::Timeout,
+            "5xx" => Condition::ServerError,
+            "gateway-error" => Condition::GatewayError,
+            "circuit-open" => Condition::CircuitOpen,
+            "bulkhead-full" => Condition::BulkheadFull,
+            "rate-limited" => Condition::RateLimited,
+            "shed" => Condition::Shed,
+            code => match code.parse::<u16>() {
+                Ok(status) if (100..=599).contains(&status) => Condition::Status(status),
+                _ => return Err(format!("unknown condition \"{text}\"; use {}", Self::NAMES)),
+            },
+        })
+    }
+
+    /// Whether keel itself decides this (no upstream answer involved).
+    fn is_keels_own(self) -> bool {
+        matches!(
+            self,
+            Condition::CircuitOpen
+                | Condition::BulkheadFull
+                | Condition::RateLimited
+                | Condition::Shed
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for Condition {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Condition::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[routes.rate_limit]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRateLimit {
+    /// Sustained rate (required).
+    pub requests_per_second: f64,
+    /// Requests admitted at once after a quiet period (default 1).
+    #[serde(default = "one")]
+    pub burst: u32,
+    /// `global` (default), `ip`, or `header:<name>`.
+    #[serde(default)]
+    pub key: RateKey,
+}
+
+/// What a route's rate limit is counted by.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RateKey {
+    /// All requests together.
+    #[default]
+    Global,
+    /// The client's address.
+    Ip,
+    /// A request header's value (requests without it share one key).
+    Header(String),
+}
+
+impl<'de> Deserialize<'de> for RateKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "global" => Ok(RateKey::Global),
+            "ip" => Ok(RateKey::Ip),
+            other => match other.strip_prefix("header:") {
+                Some(name) if is_token(name) => Ok(RateKey::Header(name.to_ascii_lowercase())),
+                Some(name) => Err(serde::de::Error::custom(format!(
+                    "\"{name}\" is not a header name"
+                ))),
+                None => Err(serde::de::Error::custom(format!(
+                    "unknown key \"{other}\"; use global, ip or header:<name>"
+                ))),
+            },
+        }
+    }
+}
+
+/// `[routes.fallback]`: the response sent instead of a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteFallback {
+    /// Status (default 200).
+    pub status: u16,
+    /// Body (default empty).
+    pub body: String,
+    /// Headers.
+    pub headers: BTreeMap<String, String>,
+    /// The failures it answers (default: every failure except
+    /// rate-limited).
+    pub on: Option<Vec<Condition>>,
+}
+
+impl Default for RouteFallback {
+    fn default() -> Self {
+        RouteFallback {
+            status: 200,
+            body: String::new(),
+            headers: BTreeMap::new(),
+            on: None,
+        }
+    }
+}
+
+/// `[routes.fault]`: chaos injected per attempt, before the upstream call.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteFault {
+    /// Delay some attempts.
+    pub delay: Option<FaultDelay>,
+    /// Answer some attempts with a status, without calling the upstream.
+    pub abort: Option<FaultAbort>,
+}
+
+/// An injected delay.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    /// Share of attempts delayed, 0 to 100.
+    pub percent: f64,
+    /// How long.
+    #[serde(with = "keel::config::duration")]
+    pub duration: Duration,
+}
+
+/// An injected abort.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    /// Share of attempts aborted, 0 to 100.
+    pub percent: f64,
+    /// The status answered (default 503).
+    #[serde(default = "service_unavailable")]
+    pub status: u16,
+}
+
+/// `[load_shed]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadShed {
+    /// Requests in flight across all routes at which the lowest priority is
+    /// shed first (critical never is).
+    pub max_in_flight: u32,
+}
+
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+fn fifteen_seconds() -> Duration {
+    Duration::from_secs(15)
+}
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn high() -> Priority {
+    Priority::High
+}
+fn service_unavailable() -> u16 {
+    503
+}
+
+/// An HTTP token (header names): visible ASCII without separators.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl Config {
+    /// Parses and checks `text`; every error found, with its field path.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            ConfigErrors(vec![FieldError {
+                path: String::new(),
+                reason: format!("not valid TOML: {}", e.message()),
+            }])
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigErrors(vec![FieldError {
+                path: if path == "." { String::new() } else { path },
+                reason: inner.message().to_string(),
+            }])
+        })?;
+        let errors = config.check();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Checks what the types cannot: values, references between tables,
+    /// and the policies' own validation.
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut err = |path: String, reason: String| errors.push(FieldError { path, reason });
+
+        for (field, addr) in [
+            ("server.listen", &self.server.listen),
+            ("server.admin", &self.server.admin),
+        ] {
+            if let Err(reason) = socket_addr(addr) {
+                err(field.into(), reason);
+            }
+        }
+        if self.server.admin_token.as_deref() == Some("") {
+            err(
+                "server.admin_token".into(),
+                "must not be empty (leave it out for no token)".into(),
+            );
+        }
+
+        for (name, up) in &self.upstreams {
+            let at = format!("upstreams.{name}");
+            if up.endpoints.is_empty() {
+                err(
+                    format!("{at}.endpoints"),
+                    "must list at least one endpoint".into(),
+                );
+            }
+            let mut seen = BTreeSet::new();
+            for (i, endpoint) in up.endpoints.iter().enumerate() {
+                if let Err(reason) = host_port(endpoint) {
+                    err(format!("{at}.endpoints[{i}]"), reason);
+                } else if !seen.insert(endpoint) {
+                    err(
+                        format!("{at}.endpoints[{i}]"),
+                        format!("\"{endpoint}\" is listed twice"),
+                    );
+                }
+            }
+            positive(
+                &mut err,
+                format!("{at}.connect_timeout"),
+                up.connect_timeout,
+            );
+            if let Some(hc) = &up.health_check {
+                let at = format!("{at}.health_check");
+                if !hc.path.starts_with('/') {
+                    err(
+                        format!("{at}.path"),
+                        format!("must start with \"/\", got \"{}\"", hc.path),
+                    );
+                }
+                positive(&mut err, format!("{at}.interval"), hc.interval);
+                positive(&mut err, format!("{at}.timeout"), hc.timeout);
+                if hc.unhealthy_threshold == 0 {
+                    err(
+                        format!("{at}.unhealthy_threshold"),
+                        "must be at least 1".into(),
+                    );
+                }
+                if hc.healthy_threshold == 0 {
+                    err(
+                        format!("{at}.healthy_threshold"),
+                        "must be at least 1".into(),
+                    );
+                }
+            }
+        }
+
+        let mut names = BTreeMap::new();
+        let mut prefixes = BTreeMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if route.name.is_empty() {
+                err(format!("{at}.name"), "must not be empty".into());
+            } else if let Some(first) = names.insert(route.name.as_str(), i) {
+                err(
+                    format!("{at}.name"),
+                    format!("\"{}\" is also the name of routes[{first}]", route.name),
+                );
+            }
+            if !route.path_prefix.starts_with('/') {
+                err(
+                    format!("{at}.path_prefix"),
+                    format!("must start with \"/\", got \"{}\"", route.path_prefix),
+                );
+            } else if let Some(first) = prefixes.insert(route.path_prefix.as_str(), i) {
+                err(
+                    format!("{at}.path_prefix"),
+                    format!(
+                        "\"{}\" is also the prefix of routes[{first}]",
+                        route.path_prefix
+                    ),
+                );
+            }
+            if !self.upstreams.contains_key(&route.upstream) {
+                err(
+                    format!("{at}.upstream"),
+                    format!("no upstream named \"{}\"", route.upstream),
+                );
+            }
+            positive(&mut err, format!("{at}.timeout"), route.timeout);
+
+            if let Some(retry) = &route.retry {
+                let at = format!("{at}.retry");
+                if let Some(per_try) = retry.per_try_timeout {
+                    positive(&mut err, format!("{at}.per_try_timeout"), per_try);
+                    if per_try > route.timeout {
+                        err(
+                            format!("{at}.per_try_timeout"),
+                            format!(
+                                "is longer than the route's timeout ({}), which bounds every attempt",
+                                format_duration(route.timeout)
+                            ),
+                        );
+                    }
+                }
+                if retry.on.is_empty() {
+                    err(format!("{at}.on"), "must name at least one condition (leave [routes.retry] out for no retries)".into());
+                }
+                for (j, c) in retry.on.iter().enumerate() {
+                    if c.is_keels_own() {
+                        err(format!("{at}.on[{j}]"), "keel's own refusals are not retried; use connect-failure, reset, timeout, 5xx, gateway-error or a status code".into());
+                    }
+                }
+                if let Err(e) = retry.policy().build(route.name.as_str()) {
+                    err(format!("{at}.{}", e.field()), e.reason().into());
+                }
+            }
+            if let Some(cb) = &route.circuit_breaker {
+                if let Err(e) = cb.build(route.name.as_str()) {
+                    err(
+                        format!("{at}.circuit_breaker.{}", e.field()),
+                        e.reason().into(),
+                    );
+                }
+            }
+            if let Some(bulkhead) = &route.bulkhead {
+                if let Err(e) = bulkhead.build(route.name.as_str()) {
+                    err(format!("{at}.bulkhead.{}", e.field()), e.reason().into());
+                }
+            }
+            if let Some(rl) = &route.rate_limit {
+                let at = format!("{at}.rate_limit");
+                if !(rl.requests_per_second > 0.0 && rl.requests_per_second.is_finite()) {
+                    err(
+                        format!("{at}.requests_per_second"),
+                        format!("must be a positive number, got {}", rl.requests_per_second),
+                    );
+                }
+                if rl.burst == 0 {
+                    err(format!("{at}.burst"), "must be at least 1".into());
+                }
+            }
+            if let Some(fb) = &route.fallback {
+                let at = format!("{at}.fallback");
+                status(&mut err, format!("{at}.status"), fb.status);
+                for (name, value) in &fb.headers {
+                    if !is_token(name) {
+                        err(
+                            format!("{at}.headers.{name}"),
+                            "is not a header name".into(),
+                        );
+                    }
+                    if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                        err(
+                            format!("{at}.headers.{name}"),
+                            "holds control characters".into(),
+                        );
+                    }
+                }
+                if fb.on.as_ref().is_some_and(Vec::is_empty) {
+                    err(
+                        format!("{at}.on"),
+                        "must name at least one condition (leave it out for every failure)".into(),
+                    );
+                }
+            }
+            if let Some(fault) = &route.fault {
+                let at = format!("{at}.fault");
+                if let Some(delay) = &fault.delay {
+                    percent(&mut err, format!("{at}.delay.percent"), delay.percent);
+                    positive(&mut err, format!("{at}.delay.duration"), delay.duration);
+                }
+                if let Some(abort) = &fault.abort {
+                    percent(&mut err, format!("{at}.abort.percent"), abort.percent);
+                    status(&mut err, format!("{at}.abort.status"), abort.status);
+                }
+            }
+        }
+        if let Some(shed) = &self.load_shed {
+            if shed.max_in_flight == 0 {
+                err(
+                    "load_shed.max_in_flight".into(),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        errors
+    }
+}
+
+fn positive(err: &mut impl FnMut(String, String), path: String, d: Duration) {
+    if d.is_zero() {
+        err(path, "must be longer than zero".into());
+    }
+}
+
+fn percent(err: &mut impl FnMut(String, String), path: String, p: f64) {
+    if !(0.0..=100.0).contains(&p) {
+        err(path, format!("must be between 0 and 100, got {p}"));
+    }
+}
+
+fn status(err: &mut impl FnMut(String, String), path: String, code: u16) {
+    if !(100..=599).contains(&code) {
+        err(
+            path,
+            format!("must be an HTTP status (100 to 599), got {code}"),
+        );
+    }
+}
+
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("\"{text}\" is not an address like \"127.0.0.1:8080\""))
+}
+
+fn host_port(text: &str) -> Result<(), String> {
+    let bad = || {
+        format!("\"{text}\" is not an endpoint like \"127.0.0.1:9001\" or \"payment.internal:80\"")
+    };
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(bad()),
+    }
+}

@@ -1,0 +1,213 @@
+//! `keel check`: the real binary on files, and the parser's errors.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use keel_proxy::config::{Condition, RateKey};
+use keel_proxy::Config;
+
+fn repo_file(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// Runs `keel check` on `text`: the exit status and what it printed.
+fn keel_check(text: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("keel-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{:x}.toml", fxhash(text)));
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let printed =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), printed)
+}
+
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin = "127.0.0.1:9901"
+
+[upstreams.payment]
+endpoints = ["127.0.0.1:9001"]
+
+[[routes]]
+name = "payment"
+path_prefix = "/pay"
+upstream = "payment"
+"#;
+
+#[test]
+fn the_example_configuration_is_accepted() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["check", "--config"])
+        .arg(repo_file("examples/keel.toml"))
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("ok (3 routes, 3 upstreams)"), "{printed}");
+}
+
+#[test]
+fn a_minimal_configuration_takes_the_documented_defaults() {
+    let config = Config::parse(MINIMAL).unwrap();
+    let route = &config.routes[0];
+    assert_eq!(route.timeout, std::time::Duration::from_secs(15));
+    assert_eq!(route.priority, keel::shed::Priority::High);
+    assert!(route.retry.is_none() && route.circuit_breaker.is_none());
+    assert!(config.upstreams["payment"].required);
+    assert_eq!(
+        config.server.shutdown_timeout,
+        std::time::Duration::from_secs(30)
+    );
+
+    let with_tables = format!(
+        "{MINIMAL}\n[routes.retry]\n[routes.fault]\nabort = {{ percent = 5 }}\n[routes.rate_limit]\nrequests_per_second = 10\nkey = \"header:X-User\"\n"
+    );
+    let config = Config::parse(&with_tables).unwrap();
+    let route = &config.routes[0];
+    let retry = route.retry.as_ref().unwrap();
+    assert_eq!(retry.max_attempts, 3);
+    assert_eq!(
+        retry.on,
+        [
+            Condition::ConnectFailure,
+            Condition::Reset,
+            Condition::Timeout,
+            Condition::GatewayError
+        ]
+    );
+    assert_eq!(retry.backoff.jitter, keel::retry::JitterKind::Full);
+    assert_eq!(
+        route.fault.as_ref().unwrap().abort.as_ref().unwrap().status,
+        503
+    );
+    assert!(route.fault.as_ref().unwrap().delay.is_none());
+    let rl = route.rate_limit.as_ref().unwrap();
+    assert_eq!((rl.burst, &rl.key), (1, &RateKey::Header("x-user".into())));
+}
+
+#[test]
+fn every_error_is_listed_with_its_field_path() {
+    let text = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin = "localhost"
+
+[upstreams.payment]
+endpoints = ["127.0.0.1:9001", "nope"]
+
+[[routes]]
+name = "payment"
+path_prefix = "/pay"
+upstream = "payment"
+timeout = "1s"
+
+[routes.retry]
+max_attempts = 0
+per_try_timeout = "2s"
+on = ["timeout", "circuit-open"]
+
+[routes.circuit_breaker]
+failure_rate = 1.5
+
+[[routes]]
+name = "payment"
+path_prefix = "pay"
+upstream = "nope"
+
+[routes.fault]
+abort = { percent = 150, status = 42 }
+"#;
+    let (ok, printed) = keel_check(text);
+    assert!(!ok);
+    for line in [
+        "server.admin: \"localhost\" is not an address like \"127.0.0.1:8080\"",
+        "upstreams.payment.endpoints[1]: \"nope\" is not an endpoint",
+        "routes[0].retry.per_try_timeout: is longer than the route's timeout (1s)",
+        "routes[0].retry.on[1]: keel's own refusals are not retried",
+        "routes[0].retry.max_attempts: must be at least 1",
+        "routes[0].circuit_breaker.failure_rate: must be a fraction in (0, 1], got 1.5",
+        "routes[1].name: \"payment\" is also the name of routes[0]",
+        "routes[1].path_prefix: must start with \"/\", got \"pay\"",
+        "routes[1].upstream: no upstream named \"nope\"",
+        "routes[1].fault.abort.percent: must be between 0 and 100, got 150",
+        "routes[1].fault.abort.status: must be an HTTP status (100 to 599), got 42",
+    ] {
+        assert!(printed.contains(line), "missing {line:?} in:\n{printed}");
+    }
+    assert!(printed.contains("11 error(s)"), "{printed}");
+}
+
+#[test]
+fn type_errors_and_unknown_fields_name_their_path() {
+    let (ok, printed) = keel_check(&format!(
+        "{MINIMAL}\n[routes.retry]\nmax_attempts = \"three\"\n"
+    ));
+    assert!(!ok);
+    assert!(
+        printed.contains("routes[0].retry.max_attempts: invalid type"),
+        "{printed}"
+    );
+
+    let (ok, printed) = keel_check(&format!(
+        "{MINIMAL}\n[routes.bulkhead]\nmax_concurent = 10\n"
+    ));
+    assert!(!ok);
+    assert!(printed.contains("routes[0].bulkhead"), "{printed}");
+    assert!(
+        printed.contains("unknown field `max_concurent`"),
+        "{printed}"
+    );
+
+    let (ok, printed) = keel_check(&format!("{MINIMAL}\n[routes.retry]\non = [\"6xx\"]\n"));
+    assert!(!ok);
+    assert!(
+        printed.contains("routes[0].retry.on[0]: unknown condition \"6xx\""),
+        "{printed}"
+    );
+
+    let (ok, printed) = keel_check("[server]\nlisten = \"127.0.0.1:1\"\n");
+    assert!(!ok);
+    assert!(
+        printed.contains("server: missing field `admin`"),
+        "{printed}"
+    );
+
+    let (ok, printed) = keel_check("[server\n");
+    assert!(!ok);
+    assert!(printed.contains("not valid TOML"), "{printed}");
+}
+
+#[test]
+fn the_command_line_says_how_to_use_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("nonsense")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: keel check --config FILE"));
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["check", "--config", "/nonexistent/keel.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
