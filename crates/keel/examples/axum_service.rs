@@ -8,6 +8,7 @@
 //! curl localhost:3000/recommendations        # recommendations: shed, rate limit, adaptive limit, fallback
 //! curl localhost:3000/receipt/42             # blocking work on a thread-pool bulkhead
 //! curl -X POST 'localhost:3000/chaos/pricing?fail_percent=100'   # break pricing
+//! curl -X POST 'localhost:3000/drill?enabled=true'   # keel's own fault injection on pricing
 //! curl localhost:3000/metrics
 //! curl -i localhost:3000/health/ready
 //! ```
@@ -27,6 +28,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use keel::adaptive::{AdaptiveLimitLayer, AdaptiveLimiter, Aimd};
 use keel::bulkhead::{Bulkhead, BulkheadLayer, ThreadPool};
+use keel::chaos::{Chaos, ChaosLayer};
 use keel::circuit_breaker::{CircuitBreaker, CircuitBreakerLayer, Window};
 use keel::fallback::{Fallback, FallbackLayer, Served};
 use keel::health::{Check, HealthRegistry, Kind};
@@ -54,7 +56,7 @@ pub struct Dependency {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct Chaos {
+pub struct Behaviour {
     #[serde(default)]
     pub latency_ms: u64,
     #[serde(default)]
@@ -71,7 +73,7 @@ impl Dependency {
     }
 
     /// Changes how the dependency behaves from now on.
-    pub fn set(&self, chaos: Chaos) {
+    pub fn set(&self, chaos: Behaviour) {
         self.latency_ms.store(chaos.latency_ms, Ordering::Relaxed);
         self.fail_percent
             .store(chaos.fail_percent.min(100), Ordering::Relaxed);
@@ -117,6 +119,7 @@ pub struct App {
     pub recommendations_dep: Arc<Dependency>,
     pub health: HealthRegistry,
     pub payment_breaker: CircuitBreaker,
+    pub drill: Chaos,
     metrics: PrometheusHandle,
 }
 
@@ -141,6 +144,12 @@ pub fn app(metrics: PrometheusHandle) -> Result<(Router, App), keel::ConfigError
     // Pricing: total timeout > retry (with a budget) > breaker > hedge >
     // bulkhead > per-try timeout > the dependency.
     let pricing_dep = Dependency::new(10);
+    let drill = Chaos::builder("pricing")
+        .error(20.0)
+        .latency(10.0, Duration::from_millis(300))
+        .seed(2024) // the same drill every run
+        .enabled(false)
+        .build()?;
     let breaker = CircuitBreaker::builder("pricing")
         .window(Window::Count(20))
         .minimum_calls(10)
@@ -184,6 +193,8 @@ pub fn app(metrics: PrometheusHandle) -> Result<(Router, App), keel::ConfigError
             "pricing-attempt",
             Duration::from_millis(200),
         )))
+        // An incident drill, off until `POST /drill?enabled=true`.
+        .layer(ChaosLayer::new(drill.clone()))
         .service_fn({
             let dep = pricing_dep.clone();
             move |sku: String| {
@@ -277,6 +288,7 @@ pub fn app(metrics: PrometheusHandle) -> Result<(Router, App), keel::ConfigError
         recommendations_dep,
         health: health.clone(),
         payment_breaker: breaker,
+        drill,
         metrics,
     };
     let router = Router::new()
@@ -284,6 +296,7 @@ pub fn app(metrics: PrometheusHandle) -> Result<(Router, App), keel::ConfigError
         .route("/recommendations", get(recommend))
         .route("/receipt/{order}", get(receipt))
         .route("/chaos/{dependency}", post(chaos))
+        .route("/drill", post(drill_switch))
         .route("/metrics", get(render_metrics))
         .merge(keel::health::axum::routes(health))
         .with_state(state.clone());
@@ -341,7 +354,7 @@ async fn receipt(State(app): State<App>, Path(order): Path<u64>) -> Response {
 async fn chaos(
     State(app): State<App>,
     Path(dependency): Path<String>,
-    Query(chaos): Query<Chaos>,
+    Query(chaos): Query<Behaviour>,
 ) -> Response {
     let dep = match dependency.as_str() {
         "pricing" => &app.pricing_dep,
@@ -355,6 +368,16 @@ async fn chaos(
         }
     };
     dep.set(chaos);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct Drill {
+    enabled: bool,
+}
+
+async fn drill_switch(State(app): State<App>, Query(drill): Query<Drill>) -> Response {
+    app.drill.set_enabled(drill.enabled);
     StatusCode::NO_CONTENT.into_response()
 }
 

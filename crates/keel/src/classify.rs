@@ -189,6 +189,8 @@ fn own_verdict<E>(e: &Error<E>) -> Verdict {
         },
         // Shedding is deliberate: retrying shed work feeds the overload.
         Error::Shed { .. } => Verdict::ignore(),
+        // A rehearsal of a failing dependency: treated as one.
+        Error::FaultInjected => Verdict::failure(),
         Error::RetriesExhausted { .. } => Verdict::failure().with_retryable(false),
     }
 }

@@ -83,6 +83,10 @@ pub enum Error<E> {
         /// The priority that was shed.
         priority: crate::shed::Priority,
     },
+    /// A fault injected by [`crate::chaos`]: the operation did not run.
+    /// It counts as a failure of the dependency (that is what it rehearses)
+    /// and is retryable.
+    FaultInjected,
     /// Retry stopped: attempts, time budget or retry budget ran out.
     RetriesExhausted {
         /// How many attempts were made (the first call included).
@@ -151,6 +155,7 @@ impl<E> Error<E> {
             Error::BulkheadFull => Error::BulkheadFull,
             Error::RateLimited { retry_after } => Error::RateLimited { retry_after },
             Error::Shed { priority } => Error::Shed { priority },
+            Error::FaultInjected => Error::FaultInjected,
             Error::RetriesExhausted { attempts, last } => Error::RetriesExhausted {
                 attempts,
                 last: Box::new(last.map_inner(f)),
@@ -181,6 +186,9 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 f,
                 "shed: the service is overloaded and {priority} priority work is turned away until load falls; the call did not run"
             ),
+            Error::FaultInjected => {
+                f.write_str("fault injected (chaos): the call did not run")
+            }
             Error::RetriesExhausted { attempts, last } => {
                 let noun = if *attempts == 1 { "attempt" } else { "attempts" };
                 write!(f, "gave up after {attempts} {noun}; last error: {last}")

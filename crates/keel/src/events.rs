@@ -69,6 +69,8 @@ pub enum Policy {
     Fallback,
     /// [`crate::observe`]: a named call to a dependency.
     Call,
+    /// [`crate::chaos`]
+    Chaos,
 }
 
 impl Policy {
@@ -86,6 +88,7 @@ impl Policy {
             Policy::Hedge => "hedge",
             Policy::Fallback => "fallback",
             Policy::Call => "call",
+            Policy::Chaos => "chaos",
         }
     }
 }
@@ -168,6 +171,11 @@ pub enum EventKind {
         /// Which level.
         source: Source,
     },
+    /// A fault was injected.
+    FaultInjected {
+        /// Which fault.
+        kind: crate::chaos::FaultKind,
+    },
 }
 
 impl EventKind {
@@ -208,6 +216,7 @@ impl fmt::Display for EventKind {
             EventKind::TimedOut { after } => write!(f, "timed out after {after:?}"),
             EventKind::HedgeStarted { attempt } => write!(f, "hedge started: attempt {attempt}"),
             EventKind::FallbackUsed { source } => write!(f, "fallback used: {}", source.as_str()),
+            EventKind::FaultInjected { kind } => write!(f, "fault injected: {}", kind.as_str()),
         }
     }
 }

@@ -40,6 +40,7 @@
 //! | [`shed`] | load shedding by priority on in-flight load and queueing delay |
 //! | [`adaptive`] | adaptive concurrency limit: AIMD, Gradient2 |
 //! | [`hedge`] | a second attempt after a delay for idempotent calls |
+//! | [`chaos`] | fault injection: latency, errors, your own behaviour, switchable, seeded |
 //! | [`fallback`] | stale cache, alternate source, default value, graceful error |
 //! | [`pipeline`] | composes the policies around a closure |
 //! | [`observe`] | golden signals per dependency: calls by outcome, latency, in flight |
@@ -67,6 +68,7 @@ pub mod adaptive;
 #[cfg(feature = "tower")]
 mod admission;
 pub mod bulkhead;
+pub mod chaos;
 pub mod circuit_breaker;
 pub mod classify;
 pub mod clock;

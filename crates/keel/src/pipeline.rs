@@ -35,6 +35,7 @@ use std::future::Future;
 
 use crate::adaptive::AdaptiveLimiter;
 use crate::bulkhead::Bulkhead;
+use crate::chaos::Chaos;
 use crate::circuit_breaker::CircuitBreaker;
 use crate::classify::{classify_lifted, Classify, DefaultClassifier, Outcome};
 use crate::error::LiftErr;
@@ -286,6 +287,24 @@ impl Step for Prioritized {
     }
 }
 
+impl sealed::Sealed for Chaos {}
+impl Step for Chaos {
+    fn run<'a, T, E, C, F, Fut>(
+        &'a self,
+        _: Ctx<'a, C>,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + 'a
+    where
+        C: Classify<T, E> + ?Sized,
+        F: Fn() -> Fut + 'a,
+        Fut: Future<Output = Result<T, Error<E>>> + 'a,
+        T: 'a,
+        E: 'a,
+    {
+        Chaos::run(self, op)
+    }
+}
+
 impl sealed::Sealed for Observer {}
 impl Step for Observer {
     fn run<'a, T, E, C, F, Fut>(
@@ -405,6 +424,12 @@ impl<S, C> PipelineBuilder<S, C> {
     /// added first, it measures what the caller sees, retries included.
     pub fn observe(self, observer: Observer) -> PipelineBuilder<Stack<S, Observer>, C> {
         self.push(observer)
+    }
+
+    /// Adds fault injection; add it last (innermost), so every attempt
+    /// draws its own faults and the other steps react to them.
+    pub fn chaos(self, chaos: Chaos) -> PipelineBuilder<Stack<S, Chaos>, C> {
+        self.push(chaos)
     }
 
     /// Sets the classifier every step uses (default: `Ok` succeeds, `Err`

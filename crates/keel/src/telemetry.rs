@@ -28,6 +28,7 @@ pub(crate) const HEDGES: &str = "keel_hedges_total";
 pub(crate) const FALLBACKS: &str = "keel_fallbacks_total";
 pub(crate) const HEALTH: &str = "keel_health_check_up";
 pub(crate) const EVENTS_DROPPED: &str = "keel_events_dropped_total";
+pub(crate) const FAULTS: &str = "keel_faults_injected_total";
 
 /// Every metric keel records, with its description, so exporters print
 /// `# HELP` and units. Called when a policy is built; call it yourself to
@@ -67,6 +68,7 @@ pub fn describe_metrics() {
     describe_counter!(HEDGES, "Hedged attempts started");
     describe_counter!(FALLBACKS, "Calls answered by a fallback, by source");
     describe_gauge!(HEALTH, "1 when the health check passes, 0 when it fails");
+    describe_counter!(FAULTS, "Faults injected by chaos, by kind");
     describe_counter!(
         EVENTS_DROPPED,
         "Events dropped because a subscriber's buffer was full"

@@ -126,6 +126,12 @@ async fn metrics_list_every_documented_metric_after_traffic_through_every_policy
     for _ in 0..10 {
         assert_eq!(http(addr, "GET", "/price/sku-1").await.0, 200);
     }
+    // A drill: keel's own faults, retried like real ones, then switched off.
+    assert_eq!(http(addr, "POST", "/drill?enabled=true").await.0, 204);
+    for _ in 0..10 {
+        http(addr, "GET", "/price/sku-1").await;
+    }
+    assert_eq!(http(addr, "POST", "/drill?enabled=false").await.0, 204);
     // Slow pricing: hedged after 50ms.
     let chaos = |path: &'static str| async move {
         assert_eq!(http(addr, "POST", path).await.0, 204);
@@ -294,5 +300,17 @@ async fn metrics_list_every_documented_metric_after_traffic_through_every_policy
         0.0
     );
     assert!(find(&samples, "keel_events_dropped_total", &[]) > 0.0);
+    assert!(
+        find(
+            &samples,
+            "keel_faults_injected_total",
+            &[("name", "pricing"), ("kind", "error")]
+        ) + find(
+            &samples,
+            "keel_faults_injected_total",
+            &[("name", "pricing"), ("kind", "latency")]
+        ) > 0.0,
+        "the seeded drill drew faults in its first requests"
+    );
     server.abort();
 }

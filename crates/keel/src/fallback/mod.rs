@@ -129,6 +129,8 @@ pub enum ErrorKind {
     Shed,
     /// [`Error::RetriesExhausted`].
     RetriesExhausted,
+    /// [`Error::FaultInjected`].
+    FaultInjected,
 }
 
 impl ErrorKind {
@@ -142,6 +144,7 @@ impl ErrorKind {
             Error::RateLimited { .. } => ErrorKind::RateLimited,
             Error::Shed { .. } => ErrorKind::Shed,
             Error::RetriesExhausted { .. } => ErrorKind::RetriesExhausted,
+            Error::FaultInjected => ErrorKind::FaultInjected,
         }
     }
 }
