@@ -105,7 +105,9 @@ fn a_global_subscription_sees_every_policy_and_stops_when_dropped() {
     }
     assert_eq!(names, ["global-a", "global-b"]);
     drop(all);
-    let _ = a.try_acquire(); // publishing with no subscriber is fine
+    // With no subscriber left, events still reach the policy's ring.
+    assert!(a.try_acquire().is_err());
+    assert_eq!(a.events().recent().len(), 2);
 }
 
 #[tokio::test]

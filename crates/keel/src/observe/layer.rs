@@ -8,7 +8,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{InFlight, Observer};
+use std::sync::Arc;
+
+use super::{InFlight, Inner, Observer};
 use crate::classify::Outcome;
 use crate::error::{lift_boxed, BoxError, ServiceError};
 use crate::Error;
@@ -61,7 +63,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         ResponseFuture {
-            guard: Some(self.observer.start()),
+            guard: Some(self.observer.start_owned()),
             inner: self.inner.call(req),
         }
     }
@@ -72,7 +74,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        guard: Option<InFlight>,
+        guard: Option<InFlight<Arc<Inner>>>,
     }
 }
 

@@ -30,6 +30,7 @@ pub use layer::{ObserveLayer, ObserveService, ResponseFuture};
 
 use std::fmt;
 use std::future::Future;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use metrics::{Gauge, Histogram};
@@ -47,7 +48,7 @@ pub struct Observer {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     name: Arc<str>,
     calls: telemetry::Calls,
     duration: Histogram,
@@ -104,7 +105,7 @@ impl Observer {
         C: Classify<T, E> + ?Sized,
         Fut: Future<Output = Result<T, Error<E>>>,
     {
-        let mut guard = self.start();
+        let mut guard = InFlight::start(&*self.inner);
         let result = call.await;
         if matches!(&result, Err(e) if e.rejection().is_some()) {
             guard.rejected();
@@ -115,26 +116,33 @@ impl Observer {
         result
     }
 
-    /// Counts a call in flight until the guard is finished or dropped.
-    pub(crate) fn start(&self) -> InFlight {
-        self.inner.in_flight.increment(1.0);
-        InFlight {
-            observer: self.inner.clone(),
-            start: self.inner.clock.now(),
-            outcome: None,
-        }
+    /// A guard owning a handle to the observer, for `'static` futures.
+    pub(crate) fn start_owned(&self) -> InFlight<Arc<Inner>> {
+        InFlight::start(self.inner.clone())
     }
 }
 
-/// One call in flight; records it when dropped.
-pub(crate) struct InFlight {
-    observer: Arc<Inner>,
+/// One call in flight; records it when dropped. Borrows the observer where
+/// the call's future may (a `Pipeline` step: no reference count touched per
+/// call) and owns a handle where it must be `'static` (the tower layer).
+pub(crate) struct InFlight<O: Deref<Target = Inner>> {
+    observer: O,
     start: std::time::Duration,
     /// `None` until finished: a dropped call is ignored.
     outcome: Option<Option<Outcome>>,
 }
 
-impl InFlight {
+impl<O: Deref<Target = Inner>> InFlight<O> {
+    /// Counts a call in flight until the guard is finished or dropped.
+    fn start(observer: O) -> Self {
+        observer.in_flight.increment(1.0);
+        InFlight {
+            start: observer.clock.now(),
+            observer,
+            outcome: None,
+        }
+    }
+
     pub(crate) fn finish(&mut self, outcome: Outcome) {
         self.outcome = Some(Some(outcome));
     }
@@ -144,9 +152,9 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl<O: Deref<Target = Inner>> Drop for InFlight<O> {
     fn drop(&mut self) {
-        let o = &self.observer;
+        let o = &*self.observer;
         o.in_flight.decrement(1.0);
         let took = o.clock.now().saturating_sub(self.start);
         o.duration.record(took.as_secs_f64());
