@@ -477,3 +477,45 @@ async fn the_pipeline_step_and_tower_layer_share_the_limit() {
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(pipeline.call(|| async { Ok::<_, ()>(3) }).await, Ok(3));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// `available()` is exactly how many single requests would be admitted
+    /// now, for every algorithm, after any history.
+    #[test]
+    fn available_counts_what_would_be_admitted(
+        algorithm in prop_oneof![
+            Just(Algorithm::Gcra),
+            Just(Algorithm::SlidingLog),
+            Just(Algorithm::SlidingWindow),
+            Just(Algorithm::FixedWindow),
+        ],
+        limit in 1u32..6,
+        steps in proptest::collection::vec((0u64..400, 0u32..5), 1..40),
+    ) {
+        let clock = ManualClock::new();
+        let l = RateLimiter::builder("api")
+            .algorithm(algorithm)
+            .per_second(f64::from(limit) * 4.0)
+            .window(Duration::from_millis(250))
+            .burst(limit)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        for (advance_ms, asks) in steps {
+            clock.advance(Duration::from_millis(advance_ms));
+            for _ in 0..asks {
+                let _ = l.check();
+            }
+            let available = l.available();
+            let mut admitted = 0;
+            while l.check().is_ok() {
+                admitted += 1;
+                prop_assert!(admitted <= 64, "unbounded admissions");
+            }
+            prop_assert_eq!(available, admitted, "{:?}", algorithm);
+            prop_assert_eq!(l.available(), 0);
+        }
+    }
+}

@@ -161,6 +161,14 @@ impl Rate {
             .store(interval.saturating_mul(u64::from(burst)), Ordering::Relaxed);
     }
 
+    /// Requests admitted one after another at `now` given the stored TAT.
+    fn available(&self, tat: u64, now: u64) -> u64 {
+        let interval = self.interval.load(Ordering::Relaxed).max(1);
+        let capacity = self.capacity.load(Ordering::Relaxed);
+        let ahead = tat.saturating_sub(now).min(capacity);
+        (capacity - ahead) / interval
+    }
+
     /// The GCRA decision for `n` requests at `now` given the stored TAT (0:
     /// none): the new TAT, or how long until they would be admitted
     /// (`Duration::MAX` for more than the burst: never).
@@ -432,6 +440,19 @@ impl RateLimiter {
                 Err(retry_after) => return Err(limited(&inner.refusals, retry_after)),
             }
         }
+    }
+
+    /// How many requests would be admitted if they came now, one after
+    /// another: the burst left (GCRA), or the room left in the window.
+    /// A snapshot for dashboards; it may be stale by the time it is read.
+    pub fn available(&self) -> u64 {
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        if let Some(windowed) = &inner.windowed {
+            return windowed.available(now);
+        }
+        let tat = inner.tat.0.load(Ordering::Acquire);
+        inner.rate.available(tat, now)
     }
 
     /// Waits until one request is admitted (on tokio's timer).

@@ -112,6 +112,46 @@ impl Windowed {
         lock(&self.state).limit = limit;
     }
 
+    /// How many single requests would be admitted at `now`.
+    pub(crate) fn available(&self, now: u64) -> u64 {
+        let w = self.window;
+        let state = lock(&self.state);
+        let limit = state.limit;
+        let used = match &state.counts {
+            Counts::Log { log, .. } => log
+                .iter()
+                .filter(|(at, _)| at + w > now)
+                .map(|(_, k)| u64::from(*k))
+                .sum(),
+            Counts::Fixed { index, current } => {
+                if now / w == *index {
+                    *current
+                } else {
+                    0
+                }
+            }
+            Counts::Counter {
+                index,
+                previous,
+                current,
+            } => {
+                let now_index = now / w;
+                let (previous, current) = match now_index.checked_sub(*index) {
+                    Some(0) => (*previous, *current),
+                    Some(1) => (*current, 0),
+                    _ => (0, 0),
+                };
+                let into = now - now_index * w;
+                let weighted =
+                    (u128::from(previous) * u128::from(w - into)).div_ceil(u128::from(w));
+                u64::try_from(weighted)
+                    .unwrap_or(u64::MAX)
+                    .saturating_add(current)
+            }
+        };
+        limit.saturating_sub(used)
+    }
+
     /// Admits `n` at `now`, or says how long until they would be.
     pub(crate) fn check(&self, now: u64, n: u32) -> Result<(), Duration> {
         let w = self.window;
