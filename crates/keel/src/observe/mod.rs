@@ -117,6 +117,7 @@ impl Observer {
     }
 
     /// A guard owning a handle to the observer, for `'static` futures.
+    #[cfg(feature = "tower")]
     pub(crate) fn start_owned(&self) -> InFlight<Arc<Inner>> {
         InFlight::start(self.inner.clone())
     }

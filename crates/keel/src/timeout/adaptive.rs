@@ -240,10 +240,12 @@ impl AdaptiveTimeout {
         self.inner.watch.events()
     }
 
+    #[cfg(feature = "tower")]
     pub(crate) fn watch(&self) -> &Watch {
         &self.inner.watch
     }
 
+    #[cfg(feature = "tower")]
     pub(crate) fn now(&self) -> Duration {
         self.inner.clock.now()
     }
