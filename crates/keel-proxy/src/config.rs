@@ -87,6 +87,9 @@ pub struct Server {
     /// A bearer token required on admin requests except the health ones.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Threads serving requests (default: one per CPU).
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// `[upstreams.<name>]`.
@@ -104,6 +107,36 @@ pub struct Upstream {
     /// Whether readiness depends on this upstream (default true).
     #[serde(default = "yes")]
     pub required: bool,
+    /// Passive outlier detection per endpoint (on by default).
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+}
+
+/// An upstream's outlier detection: an endpoint failing this many times in
+/// a row leaves the rotation for a while, never the last one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row (connect failures, resets, timeouts, 5xx) that
+    /// eject an endpoint (default 5; 0 turns detection off).
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th ejection in a row lasts n
+    /// times as long (default 30s).
+    #[serde(with = "keel::config::duration")]
+    pub base_ejection_time: Duration,
+    /// The longest an ejection lasts (default 300s).
+    #[serde(with = "keel::config::duration")]
+    pub max_ejection_time: Duration,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+        }
+    }
 }
 
 /// An upstream's active health check.
@@ -465,6 +498,12 @@ impl Config {
                 err(field.into(), reason);
             }
         }
+        if self.server.workers == Some(0) {
+            err(
+                "server.workers".into(),
+                "must be at least 1 (leave it out for one per CPU)".into(),
+            );
+        }
         if self.server.admin_token.as_deref() == Some("") {
             err(
                 "server.admin_token".into(),
@@ -496,6 +535,20 @@ impl Config {
                 format!("{at}.connect_timeout"),
                 up.connect_timeout,
             );
+            let od = &up.outlier_detection;
+            if od.consecutive_failures > 0 {
+                positive(
+                    &mut err,
+                    format!("{at}.outlier_detection.base_ejection_time"),
+                    od.base_ejection_time,
+                );
+                if od.max_ejection_time < od.base_ejection_time {
+                    err(
+                        format!("{at}.outlier_detection.max_ejection_time"),
+                        "must not be shorter than base_ejection_time".into(),
+                    );
+                }
+            }
             if let Some(hc) = &up.health_check {
                 let at = format!("{at}.health_check");
                 if !hc.path.starts_with('/') {

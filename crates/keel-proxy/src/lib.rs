@@ -1,6 +1,6 @@
 //! `keel` as a sidecar: an HTTP proxy that applies keel's policies per route,
-//! configured in one TOML file. This crate holds the configuration and the
-//! command line; see `docs/CONFIGURATION.md`.
+//! configured in one TOML file. See `docs/CONFIGURATION.md` for the file and
+//! `docs/ARCHITECTURE.md` for the map of this crate.
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -10,6 +10,13 @@
     unreachable_pub
 )]
 
+mod admin;
 pub mod config;
+mod metrics;
+mod proxy;
+mod route;
+mod server;
+mod upstream;
 
 pub use config::{Config, ConfigErrors, FieldError};
+pub use server::{load, run};

@@ -1,24 +1,21 @@
 //! The `keel` command.
 //!
 //! ```text
+//! keel run --config FILE     serve until SIGTERM/SIGINT; SIGHUP reloads FILE
 //! keel check --config FILE   validate a configuration; list every error
 //! ```
 
+use std::path::Path;
 use std::process::ExitCode;
 
-use keel_proxy::Config;
-
-const USAGE: &str = "usage: keel check --config FILE";
+const USAGE: &str = "usage: keel run --config FILE\n       keel check --config FILE";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["check", "--config", path] => check(path),
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["run", "--config", path] => run(Path::new(path)),
+        ["check", "--config", path] => check(Path::new(path)),
         ["--help" | "-h" | "help"] => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -30,28 +27,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &str) -> ExitCode {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) => {
-            eprintln!("{path}: cannot read: {e}");
-            return ExitCode::from(1);
+fn run(path: &Path) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match keel_proxy::run(path) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{message}");
+            ExitCode::from(1)
         }
-    };
-    match Config::parse(&text) {
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match keel_proxy::load(path) {
         Ok(config) => {
             println!(
-                "{path}: ok ({} routes, {} upstreams)",
+                "{}: ok ({} routes, {} upstreams)",
+                path.display(),
                 config.routes.len(),
                 config.upstreams.len()
             );
             ExitCode::SUCCESS
         }
-        Err(errors) => {
-            eprintln!("{path}: {} error(s)", errors.0.len());
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
+        Err(message) => {
+            eprintln!("{message}");
             ExitCode::from(1)
         }
     }

@@ -1,0 +1,194 @@
+//! The routing table and the proxy that serves requests through it.
+//!
+//! A [`Table`] is built from a checked [`Config`]. On reload the new table
+//! takes over, from the old one, every upstream whose configuration did not
+//! change and every route whose configuration and upstream did not change,
+//! so their state (breakers, limiters, bulkheads, endpoint health) goes on.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use keel::shed::LoadShedder;
+
+use crate::config::{Config, ConfigErrors, FieldError};
+use crate::metrics::{Metrics, RouteMetrics, UNMATCHED};
+use crate::route::{Failure, ResponseBody, Route};
+use crate::upstream::Upstream;
+
+/// Everything one configuration serves with.
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub(crate) config: Config,
+    /// Longest prefix first.
+    pub(crate) routes: Vec<Arc<Route>>,
+    pub(crate) upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub(crate) shed: Option<LoadShedder>,
+}
+
+impl Table {
+    /// Builds the table for `config`, keeping what did not change from
+    /// `old`. Needs a tokio runtime (health checks are tasks).
+    pub(crate) fn build(
+        config: Config,
+        old: Option<&Table>,
+        metrics: &Metrics,
+    ) -> Result<Table, ConfigErrors> {
+        metrics.set_routes(config.routes.iter().map(|r| r.name.as_str()));
+        let upstreams: BTreeMap<String, Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|(name, cfg)| {
+                let kept = old
+                    .and_then(|t| t.upstreams.get(name))
+                    .filter(|u| u.config == *cfg)
+                    .cloned();
+                (
+                    name.clone(),
+                    kept.unwrap_or_else(|| Upstream::new(name, cfg)),
+                )
+            })
+            .collect();
+        let mut errors = Vec::new();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (i, cfg) in config.routes.iter().enumerate() {
+            let Some(upstream) = upstreams.get(&cfg.upstream) else {
+                errors.push(FieldError {
+                    path: format!("routes[{i}].upstream"),
+                    reason: format!("no upstream named \"{}\"", cfg.upstream),
+                });
+                continue;
+            };
+            let kept = old.and_then(|t| {
+                t.routes
+                    .iter()
+                    .find(|r| r.config == *cfg && Arc::ptr_eq(&r.upstream, upstream))
+            });
+            match kept {
+                Some(route) => routes.push(route.clone()),
+                None => match Route::new(cfg, upstream.clone()) {
+                    Ok(route) => routes.push(Arc::new(route)),
+                    Err(e) => errors.push(FieldError {
+                        path: format!("routes[{i}].{}", e.field()),
+                        reason: e.reason().to_owned(),
+                    }),
+                },
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.config.path_prefix.len()));
+        let shed = match (&config.load_shed, old) {
+            (None, _) => None,
+            (Some(ls), Some(old)) if old.config.load_shed.as_ref() == Some(ls) => old.shed.clone(),
+            (Some(ls), _) => Some(
+                LoadShedder::builder("load_shed")
+                    .capacity(ls.max_in_flight)
+                    .build()
+                    .map_err(|e| {
+                        ConfigErrors(vec![FieldError {
+                            path: "load_shed.max_in_flight".into(),
+                            reason: e.reason().to_owned(),
+                        }])
+                    })?,
+            ),
+        };
+        Ok(Table {
+            config,
+            routes,
+            upstreams,
+            shed,
+        })
+    }
+
+    /// The route for `path`: the longest matching prefix.
+    pub(crate) fn route(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|r| path.starts_with(r.config.path_prefix.as_str()))
+    }
+
+    /// The route called `name`.
+    pub(crate) fn route_named(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| &*r.name == name)
+    }
+}
+
+/// The running proxy: the current table and the process's standing.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    table: RwLock<Arc<Table>>,
+    pub(crate) metrics: Metrics,
+    unmatched: RouteMetrics,
+    /// The configuration is loaded and the listeners are bound.
+    pub(crate) started: AtomicBool,
+    /// Shutting down: readiness fails while in-flight requests finish.
+    pub(crate) draining: AtomicBool,
+}
+
+impl Proxy {
+    pub(crate) fn new(table: Table, metrics: Metrics) -> Proxy {
+        Proxy {
+            table: RwLock::new(Arc::new(table)),
+            metrics,
+            unmatched: RouteMetrics::new(UNMATCHED),
+            started: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The table now serving.
+    pub(crate) fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Serves `config` from now on, keeping unchanged routes' state.
+    pub(crate) fn reload(&self, config: Config) -> Result<(), ConfigErrors> {
+        let old = self.table();
+        let table = Table::build(config, Some(&old), &self.metrics)?;
+        let kept = table
+            .routes
+            .iter()
+            .filter(|r| old.routes.iter().any(|o| Arc::ptr_eq(o, r)))
+            .count();
+        tracing::info!(
+            routes = table.routes.len(),
+            kept,
+            "configuration reloaded; unchanged routes keep their state"
+        );
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        Ok(())
+    }
+
+    /// Serves one data-plane request.
+    pub(crate) async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let table = self.table();
+        match table.route(request.uri().path()) {
+            Some(route) => route.serve(table.shed.as_ref(), request, peer).await,
+            None => {
+                let started = Instant::now();
+                let response = Failure::NoRoute.response("");
+                self.unmatched
+                    .answered(response.status().as_u16(), started.elapsed());
+                response
+            }
+        }
+    }
+
+    pub(crate) fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}

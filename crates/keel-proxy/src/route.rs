@@ -1,0 +1,821 @@
+//! A route: its policies, built from the library's primitives, and the path
+//! of one request through them.
+//!
+//! Outermost first: load shedding (shared by every route), the rate limit,
+//! the total timeout, the bulkhead, retry (idempotent requests only), and per
+//! attempt the circuit breaker, the per-try timeout, injected faults and the
+//! upstream call. The fallback answers whatever failure comes out, if it is
+//! one it is configured for.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use keel::bulkhead::Bulkhead;
+use keel::chaos::Chaos;
+use keel::circuit_breaker::CircuitBreaker;
+use keel::classify::{Outcome, Verdict};
+use keel::rate_limit::{KeyedRateLimiter, RateLimited, RateLimiter};
+use keel::retry::Retry;
+use keel::shed::{LoadShedder, Priority};
+use keel::timeout::Timeout;
+
+use crate::config::{self, Condition, RateKey};
+use crate::metrics::RouteMetrics;
+use crate::upstream::{SendError, Upstream, UpstreamBody};
+
+/// A response on its way to the client: the upstream's, streamed, or one
+/// keel wrote.
+pub(crate) type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// Request bodies up to this size are buffered so that a retry can send
+/// them again; larger or unsized ones stream through in one attempt.
+const MAX_REPLAYABLE_BODY: u64 = 1 << 20;
+
+/// Keys a keyed rate limit remembers at most.
+const MAX_RATE_KEYS: usize = 100_000;
+
+pub(crate) const REASON: HeaderName = HeaderName::from_static("x-keel-reason");
+const PRIORITY: HeaderName = HeaderName::from_static("x-keel-priority");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Why a request did not get its upstream's response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// No connection to an endpoint (or none in rotation).
+    Connect,
+    /// The connection failed before a response.
+    Reset,
+    /// The per-try or the total timeout.
+    Timeout,
+    /// The upstream answered with a status the fallback replaces.
+    Status(u16),
+    /// An injected abort, with its status.
+    Injected(u16),
+    /// The route's breaker is open.
+    CircuitOpen(Duration),
+    /// The route's bulkhead is full.
+    BulkheadFull,
+    /// Over the route's rate limit.
+    RateLimited(Duration),
+    /// Shed under load.
+    Shed,
+    /// The request's body could not be read.
+    BadBody,
+    /// No route matched.
+    NoRoute,
+}
+
+impl Failure {
+    /// The `x-keel-reason` of a response keel writes for this failure.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Failure::Connect | Failure::Reset => "upstream-unavailable",
+            Failure::Timeout => "timeout",
+            Failure::Status(_) => "upstream-error",
+            Failure::Injected(_) => "fault-injected",
+            Failure::CircuitOpen(_) => "circuit-open",
+            Failure::BulkheadFull => "bulkhead-full",
+            Failure::RateLimited(_) => "rate-limited",
+            Failure::Shed => "shed",
+            Failure::BadBody => "bad-request",
+            Failure::NoRoute => "no-route",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Failure::Connect | Failure::Reset => StatusCode::BAD_GATEWAY,
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Status(s) | Failure::Injected(s) => {
+                StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Failure::CircuitOpen(_) | Failure::BulkheadFull | Failure::Shed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Failure::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Failure::BadBody => StatusCode::BAD_REQUEST,
+            Failure::NoRoute => StatusCode::NOT_FOUND,
+        }
+    }
+
+    fn retry_after(self) -> Option<Duration> {
+        match self {
+            Failure::CircuitOpen(d) | Failure::RateLimited(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn describe(self, route: &str) -> String {
+        match self {
+            Failure::Connect => {
+                format!("route \"{route}\": no connection to the upstream could be made")
+            }
+            Failure::Reset => {
+                format!("route \"{route}\": the upstream connection failed before a response")
+            }
+            Failure::Timeout => format!("route \"{route}\": the upstream did not answer in time"),
+            Failure::Status(s) => format!("route \"{route}\": the upstream answered {s}"),
+            Failure::Injected(s) => format!(
+                "route \"{route}\": fault injected (chaos): {s} without calling the upstream"
+            ),
+            Failure::CircuitOpen(d) => format!(
+                "route \"{route}\": circuit breaker is open; retry after {}",
+                keel::config::format_duration(d)
+            ),
+            Failure::BulkheadFull => {
+                format!("route \"{route}\": bulkhead full; the request did not run")
+            }
+            Failure::RateLimited(d) => format!(
+                "route \"{route}\": rate limited; retry after {}",
+                keel::config::format_duration(d)
+            ),
+            Failure::Shed => {
+                format!("route \"{route}\": shed: the proxy is overloaded; the request did not run")
+            }
+            Failure::BadBody => format!("route \"{route}\": the request body could not be read"),
+            Failure::NoRoute => "no route matches this path".to_owned(),
+        }
+    }
+
+    /// Whether it counts against the upstream (breaker, outlier detection).
+    fn is_upstream_failure(self) -> bool {
+        match self {
+            Failure::Connect | Failure::Reset | Failure::Timeout => true,
+            Failure::Status(s) | Failure::Injected(s) => s >= 500,
+            _ => false,
+        }
+    }
+
+    /// The response keel writes for it.
+    pub(crate) fn response(self, route: &str) -> Response<ResponseBody> {
+        let mut body = self.describe(route);
+        body.push('\n');
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(REASON, HeaderValue::from_static(self.reason()));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(after) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, retry_after_seconds(after));
+        }
+        response
+    }
+}
+
+/// Whole seconds, rounded up, at least 1.
+fn retry_after_seconds(d: Duration) -> HeaderValue {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+/// A set of conditions, checked per failure.
+#[derive(Debug, Clone, Default)]
+struct Conditions {
+    connect: bool,
+    reset: bool,
+    timeout: bool,
+    server_error: bool,
+    gateway_error: bool,
+    statuses: Vec<u16>,
+    circuit_open: bool,
+    bulkhead_full: bool,
+    rate_limited: bool,
+    shed: bool,
+    /// Any injected abort, whatever its status (a fallback's default).
+    injected: bool,
+}
+
+impl Conditions {
+    fn new(list: &[Condition]) -> Conditions {
+        let mut c = Conditions::default();
+        for condition in list {
+            match *condition {
+                Condition::ConnectFailure => c.connect = true,
+                Condition::Reset => c.reset = true,
+                Condition::Timeout => c.timeout = true,
+                Condition::ServerError => c.server_error = true,
+                Condition::GatewayError => c.gateway_error = true,
+                Condition::Status(s) => c.statuses.push(s),
+                Condition::CircuitOpen => c.circuit_open = true,
+                Condition::BulkheadFull => c.bulkhead_full = true,
+                Condition::RateLimited => c.rate_limited = true,
+                Condition::Shed => c.shed = true,
+            }
+        }
+        c
+    }
+
+    /// A fallback's default: every failure except rate limiting.
+    fn every_failure() -> Conditions {
+        Conditions {
+            connect: true,
+            reset: true,
+            timeout: true,
+            server_error: true,
+            circuit_open: true,
+            bulkhead_full: true,
+            shed: true,
+            injected: true,
+            ..Conditions::default()
+        }
+    }
+
+    fn status(&self, s: u16) -> bool {
+        (self.server_error && s >= 500)
+            || (self.gateway_error && (502..=504).contains(&s))
+            || self.statuses.contains(&s)
+    }
+
+    fn matches(&self, failure: Failure) -> bool {
+        match failure {
+            Failure::Connect => self.connect,
+            Failure::Reset => self.reset,
+            Failure::Timeout => self.timeout,
+            Failure::Status(s) => self.status(s),
+            // An injected abort is the dependency failing with its status:
+            // a fallback's default takes any.
+            Failure::Injected(s) => self.injected || self.status(s),
+            Failure::CircuitOpen(_) => self.circuit_open,
+            Failure::BulkheadFull => self.bulkhead_full,
+            Failure::RateLimited(_) => self.rate_limited,
+            Failure::Shed => self.shed,
+            Failure::BadBody | Failure::NoRoute => false,
+        }
+    }
+}
+
+enum Limiter {
+    Global(RateLimiter),
+    Keyed(KeyedRateLimiter<Vec<u8>>, RateKey),
+}
+
+impl Limiter {
+    fn check(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<(), RateLimited> {
+        match self {
+            Limiter::Global(limiter) => limiter.check(),
+            Limiter::Keyed(limiter, RateKey::Ip) => {
+                let key = match peer.ip() {
+                    std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+                    std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+                };
+                limiter.check_key(&key)
+            }
+            Limiter::Keyed(limiter, RateKey::Header(name)) => {
+                let key = headers
+                    .get(name.as_str())
+                    .map(|v| v.as_bytes().to_vec())
+                    .unwrap_or_default();
+                limiter.check_key(&key)
+            }
+            Limiter::Keyed(limiter, RateKey::Global) => limiter.check_key(&Vec::new()),
+        }
+    }
+}
+
+struct Fallback {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    on: Conditions,
+}
+
+struct Fault {
+    chaos: Chaos,
+    abort_status: u16,
+}
+
+/// A route, built from its configuration. Unchanged routes are kept across
+/// reloads, and with them their breaker, limiter and bulkhead state.
+pub(crate) struct Route {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: config::Route,
+    pub(crate) upstream: Arc<Upstream>,
+    timeout: Timeout,
+    per_try: Option<Timeout>,
+    retry: Option<(Retry, Conditions)>,
+    pub(crate) breaker: Option<CircuitBreaker>,
+    pub(crate) bulkhead: Option<Bulkhead>,
+    limiter: Option<Limiter>,
+    fallback: Option<Fallback>,
+    fault: Option<Fault>,
+    pub(crate) metrics: RouteMetrics,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Route {
+    /// Builds a route's policies. The configuration was checked, so the
+    /// library's own checks pass; any error is reported with its field.
+    pub(crate) fn new(
+        config: &config::Route,
+        upstream: Arc<Upstream>,
+    ) -> Result<Route, keel::ConfigError> {
+        let name: Arc<str> = config.name.as_str().into();
+        let field = |prefix: &str| {
+            let prefix = prefix.to_owned();
+            move |e: keel::ConfigError| {
+                keel::ConfigError::new(format!("{prefix}.{}", e.field()), e.reason())
+            }
+        };
+        let retry = match &config.retry {
+            Some(r) => {
+                let mut policy = r.policy();
+                // Retries stop when the next attempt would start too late.
+                policy.time_budget = Some(config.timeout);
+                Some((
+                    policy.build(name.clone()).map_err(field("retry"))?,
+                    Conditions::new(&r.on),
+                ))
+            }
+            None => None,
+        };
+        let limiter = match &config.rate_limit {
+            Some(rl) => {
+                let builder = RateLimiter::builder(name.clone())
+                    .per_second(rl.requests_per_second)
+                    .burst(rl.burst);
+                Some(match &rl.key {
+                    RateKey::Global => {
+                        Limiter::Global(builder.build().map_err(field("rate_limit"))?)
+                    }
+                    key => Limiter::Keyed(
+                        builder
+                            .build_keyed(MAX_RATE_KEYS)
+                            .map_err(field("rate_limit"))?,
+                        key.clone(),
+                    ),
+                })
+            }
+            None => None,
+        };
+        let fallback = config.fallback.as_ref().map(|fb| {
+            let mut headers = HeaderMap::new();
+            for (k, v) in &fb.headers {
+                if let (Ok(k), Ok(v)) = (k.parse::<HeaderName>(), HeaderValue::from_str(v)) {
+                    headers.insert(k, v);
+                }
+            }
+            Fallback {
+                status: StatusCode::from_u16(fb.status).unwrap_or(StatusCode::OK),
+                headers,
+                body: Bytes::from(fb.body.clone()),
+                on: fb
+                    .on
+                    .as_deref()
+                    .map_or_else(Conditions::every_failure, Conditions::new),
+            }
+        });
+        let fault = match &config.fault {
+            Some(f) => {
+                let mut chaos = Chaos::builder(name.clone());
+                if let Some(delay) = &f.delay {
+                    chaos = chaos.latency(delay.percent, delay.duration);
+                }
+                if let Some(abort) = &f.abort {
+                    chaos = chaos.error(abort.percent);
+                }
+                Some(Fault {
+                    chaos: chaos.build().map_err(field("fault"))?,
+                    abort_status: f.abort.as_ref().map_or(503, |a| a.status),
+                })
+            }
+            None => None,
+        };
+        Ok(Route {
+            timeout: Timeout::named(name.clone(), config.timeout),
+            per_try: config
+                .retry
+                .as_ref()
+                .and_then(|r| r.per_try_timeout)
+                .map(|d| Timeout::named(name.clone(), d)),
+            retry,
+            breaker: config
+                .circuit_breaker
+                .as_ref()
+                .map(|cb| cb.build(name.clone()))
+                .transpose()
+                .map_err(field("circuit_breaker"))?,
+            bulkhead: config
+                .bulkhead
+                .as_ref()
+                .map(|b| b.build(name.clone()))
+                .transpose()
+                .map_err(field("bulkhead"))?,
+            limiter,
+            fallback,
+            fault,
+            metrics: RouteMetrics::new(&name),
+            upstream,
+            config: config.clone(),
+            name,
+        })
+    }
+
+    /// For `/state`: the rate limit and what is left of it.
+    pub(crate) fn rate_limit_state(&self) -> Option<serde_json::Value> {
+        let config = self.config.rate_limit.as_ref()?;
+        let key = match &config.key {
+            RateKey::Global => "global".to_owned(),
+            RateKey::Ip => "ip".to_owned(),
+            RateKey::Header(name) => format!("header:{name}"),
+        };
+        let mut state = serde_json::json!({
+            "requests_per_second": config.requests_per_second,
+            "burst": config.burst,
+            "key": key,
+        });
+        match self.limiter.as_ref()? {
+            Limiter::Global(limiter) => state["available"] = limiter.available().into(),
+            Limiter::Keyed(limiter, _) => state["keys"] = limiter.store().len().into(),
+        }
+        Some(state)
+    }
+
+    /// Serves one request and counts it.
+    pub(crate) async fn serve(
+        &self,
+        shed: Option<&LoadShedder>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let in_flight = self.metrics.in_flight();
+        let response = match self.forward(shed, request, peer).await {
+            Ok(response) => response,
+            Err(failure) => self.failed(failure),
+        };
+        drop(in_flight);
+        self.metrics
+            .answered(response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    /// The response for a failure: the fallback's, if it answers this one.
+    fn failed(&self, failure: Failure) -> Response<ResponseBody> {
+        match &self.fallback {
+            Some(fb) if fb.on.matches(failure) => {
+                let mut response = Response::new(Either::Right(Full::new(fb.body.clone())));
+                *response.status_mut() = fb.status;
+                *response.headers_mut() = fb.headers.clone();
+                response
+                    .headers_mut()
+                    .insert(REASON, HeaderValue::from_static(failure.reason()));
+                response
+            }
+            _ => failure.response(&self.name),
+        }
+    }
+
+    async fn forward(
+        &self,
+        shed: Option<&LoadShedder>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        let (mut parts, body) = request.into_parts();
+        let _admitted = match shed {
+            Some(shedder) => Some(
+                shedder
+                    .try_acquire(priority(&parts.headers, self.config.priority))
+                    .map_err(|_| Failure::Shed)?,
+            ),
+            None => None,
+        };
+        if let Some(limiter) = &self.limiter {
+            limiter
+                .check(&parts.headers, peer)
+                .map_err(|r| Failure::RateLimited(r.retry_after))?;
+        }
+        let idempotent = is_idempotent(&parts);
+        prepare_request(&mut parts, peer);
+        let response = self
+            .timeout
+            .call(|| self.admitted(parts, body, idempotent))
+            .await
+            .map_err(lower)?;
+        let status = response.status().as_u16();
+        if let Some(fb) = &self.fallback {
+            if fb.on.matches(Failure::Status(status)) {
+                return Err(Failure::Status(status));
+            }
+        }
+        let (mut parts, body) = response.into_parts();
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// Inside the total timeout: the bulkhead, then retry or one attempt.
+    async fn admitted(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        idempotent: bool,
+    ) -> Result<Response<Incoming>, Failure> {
+        let _seat = match &self.bulkhead {
+            Some(bulkhead) => Some(
+                bulkhead
+                    .acquire()
+                    .await
+                    .map_err(|_| Failure::BulkheadFull)?,
+            ),
+            None => None,
+        };
+        let Some((retry, on)) = self.retry.as_ref().filter(|_| idempotent) else {
+            return self.attempt(&parts, Either::Right(body)).await;
+        };
+        let body = match replayable(body).await {
+            Replayable::Yes(bytes) => bytes,
+            Replayable::No(body) => return self.attempt(&parts, Either::Right(body)).await,
+            Replayable::Unreadable => return Err(Failure::BadBody),
+        };
+        let classify = |result: &Result<Response<Incoming>, Failure>| -> Verdict {
+            let (outcome, retryable, hint) = match result {
+                Ok(response) => {
+                    let s = response.status().as_u16();
+                    let retryable = on.status(s);
+                    let hint = if retryable {
+                        parse_retry_after(response.headers())
+                    } else {
+                        None
+                    };
+                    (outcome(s >= 500), retryable, hint)
+                }
+                Err(Failure::CircuitOpen(_)) => (Outcome::Ignore, false, None),
+                Err(f) => (outcome(f.is_upstream_failure()), on.matches(*f), None),
+            };
+            let verdict = Verdict::from(outcome).with_retryable(retryable);
+            match hint {
+                Some(after) => verdict.retry_after(after),
+                None => verdict,
+            }
+        };
+        retry
+            .call_classified(&classify, || {
+                self.attempt(&parts, Either::Left(Full::new(body.clone())))
+            })
+            .await
+            .map_err(lower)
+    }
+
+    /// One attempt: the breaker, the per-try timeout, faults, the upstream.
+    async fn attempt(
+        &self,
+        parts: &Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<Incoming>, Failure> {
+        let permit = match &self.breaker {
+            Some(breaker) => Some(
+                breaker
+                    .try_acquire()
+                    .map_err(|r| Failure::CircuitOpen(r.retry_after))?,
+            ),
+            None => None,
+        };
+        let result = match &self.per_try {
+            Some(per_try) => per_try.call(|| self.send(parts, body)).await.map_err(lower),
+            None => self.send(parts, body).await,
+        };
+        if let Some(permit) = permit {
+            let failed = match &result {
+                Ok(response) => response.status().is_server_error(),
+                Err(f) => f.is_upstream_failure(),
+            };
+            permit.record(outcome(failed));
+        }
+        result
+    }
+
+    async fn send(&self, parts: &Parts, body: UpstreamBody) -> Result<Response<Incoming>, Failure> {
+        if let Some(fault) = &self.fault {
+            let injection = fault.chaos.decide();
+            if let Some(delay) = injection.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if injection.error {
+                return Err(Failure::Injected(fault.abort_status));
+            }
+        }
+        let picked = self.upstream.pick().ok_or(Failure::Connect)?;
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.headers_mut() = parts.headers.clone();
+        let result = self.upstream.send(picked.endpoint, request).await;
+        picked.done(match &result {
+            Ok(response) => response.status().is_server_error(),
+            Err(_) => true,
+        });
+        result.map_err(|e| match e {
+            SendError::Connect => Failure::Connect,
+            SendError::Reset => Failure::Reset,
+        })
+    }
+}
+
+fn outcome(failed: bool) -> Outcome {
+    if failed {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    }
+}
+
+/// A keel error from a policy, as the failure it means for the request.
+fn lower(e: keel::Error<Failure>) -> Failure {
+    match e {
+        keel::Error::Inner(f) => f,
+        keel::Error::Timeout { .. } => Failure::Timeout,
+        keel::Error::RetriesExhausted { last, .. } => lower(*last),
+        keel::Error::CircuitOpen { retry_after } => Failure::CircuitOpen(retry_after),
+        keel::Error::BulkheadFull => Failure::BulkheadFull,
+        keel::Error::RateLimited { retry_after } => Failure::RateLimited(retry_after),
+        keel::Error::Shed { .. } => Failure::Shed,
+        _ => Failure::Reset,
+    }
+}
+
+/// The request's priority: `x-keel-priority` when it names one, else the
+/// route's.
+fn priority(headers: &HeaderMap, default: Priority) -> Priority {
+    match headers.get(PRIORITY).map(HeaderValue::as_bytes) {
+        Some(b"critical") => Priority::Critical,
+        Some(b"high") => Priority::High,
+        Some(b"medium") => Priority::Medium,
+        Some(b"low") => Priority::Low,
+        _ => default,
+    }
+}
+
+/// Safe to send twice: an idempotent method, or an `Idempotency-Key`.
+fn is_idempotent(parts: &Parts) -> bool {
+    matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || parts.headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+enum Replayable {
+    Yes(Bytes),
+    No(Incoming),
+    Unreadable,
+}
+
+/// Buffers a small body so it can be sent again.
+async fn replayable(body: Incoming) -> Replayable {
+    if body.is_end_stream() {
+        return Replayable::Yes(Bytes::new());
+    }
+    match body.size_hint().upper() {
+        Some(n) if n <= MAX_REPLAYABLE_BODY => {}
+        _ => return Replayable::No(body),
+    }
+    match Limited::new(body, MAX_REPLAYABLE_BODY as usize)
+        .collect()
+        .await
+    {
+        Ok(collected) => Replayable::Yes(collected.to_bytes()),
+        Err(_) => Replayable::Unreadable,
+    }
+}
+
+/// Headers that belong to one connection, not to the message.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(listed) = connection.to_str() {
+            for name in listed.split(',') {
+                headers.remove(name.trim());
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+fn prepare_request(parts: &mut Parts, peer: SocketAddr) {
+    strip_hop_by_hop(&mut parts.headers);
+    let ip = peer.ip().to_string();
+    let forwarded = match parts
+        .headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(earlier) => format!("{earlier}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        parts.headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(3)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap(),
+        );
+        let d = parse_retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(parse_retry_after(&h), None);
+    }
+
+    #[test]
+    fn retry_after_header_rounds_up() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_seconds(Duration::ZERO), "1");
+        assert_eq!(retry_after_seconds(Duration::from_secs(30)), "30");
+    }
+
+    #[test]
+    fn conditions_match_failures() {
+        let on = Conditions::new(&[
+            Condition::GatewayError,
+            Condition::Status(429),
+            Condition::Timeout,
+        ]);
+        assert!(on.matches(Failure::Status(503)));
+        assert!(!on.matches(Failure::Status(500)));
+        assert!(on.matches(Failure::Status(429)));
+        assert!(on.matches(Failure::Timeout));
+        assert!(!on.matches(Failure::Connect));
+        let every = Conditions::every_failure();
+        assert!(every.matches(Failure::Status(500)));
+        assert!(!every.matches(Failure::Status(404)));
+        assert!(every.matches(Failure::Injected(429)));
+        assert!(!every.matches(Failure::RateLimited(Duration::ZERO)));
+        assert!(every.matches(Failure::CircuitOpen(Duration::ZERO)));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

@@ -1,0 +1,196 @@
+//! `keel run`: the listeners, the signals, reload and graceful shutdown.
+//!
+//! SIGTERM or SIGINT stops accepting, lets requests in flight finish (up to
+//! `server.shutdown_timeout`) and returns. SIGHUP reads the file again: an
+//! invalid file is logged and the old configuration keeps serving; a valid
+//! one takes over, keeping the state of routes that did not change.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, Table};
+
+/// Requests' heads may take this much buffer; larger ones get 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Reads and checks the configuration file.
+pub fn load(path: &Path) -> Result<Config, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    Config::parse(&text).map_err(|errors| {
+        let mut message = format!("{}: {} error(s)", path.display(), errors.0.len());
+        for e in &errors.0 {
+            message.push_str("\n  ");
+            message.push_str(&e.to_string());
+        }
+        message
+    })
+}
+
+/// Runs the proxy for the configuration at `path` until SIGTERM or SIGINT.
+pub fn run(path: &Path) -> Result<(), String> {
+    let config = load(path)?;
+    let workers = config
+        .server
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("keel-worker")
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(serve(path.to_owned(), config))
+}
+
+async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
+    let metrics = Metrics::install();
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+
+    let listen = config.server.listen.clone();
+    let admin_at = config.server.admin.clone();
+    let data = TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
+    let admin = TcpListener::bind(&admin_at)
+        .await
+        .map_err(|e| format!("server.admin: cannot listen on {admin_at}: {e}"))?;
+    let table = Table::build(config, None, &metrics).map_err(|e| e.to_string())?;
+    let proxy = Arc::new(Proxy::new(table, metrics));
+
+    tokio::spawn(upkeep(proxy.clone()));
+    tokio::spawn(serve_admin(admin, proxy.clone()));
+    proxy.started.store(true, Ordering::Release);
+    tracing::info!(listen = %listen, admin = %admin_at, config = %path.display(), "keel is serving");
+
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = data.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let proxy = proxy.clone();
+                    let service = service_fn(move |request| {
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+                    });
+                    let connection = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .max_buf_size(MAX_HEAD_BYTES)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = hangup.recv() => reload(&path, &proxy),
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+
+    proxy.draining.store(true, Ordering::Release);
+    drop(data);
+    let timeout = proxy.table().config.server.shutdown_timeout;
+    tracing::info!(
+        ?timeout,
+        "shutting down: no new connections; finishing requests in flight"
+    );
+    match tokio::time::timeout(timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("every request finished; bye"),
+        Err(_) => tracing::warn!(
+            ?timeout,
+            "requests still in flight at the shutdown timeout were cut off"
+        ),
+    }
+    Ok(())
+}
+
+fn reload(path: &Path, proxy: &Proxy) {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            tracing::error!(
+                "the new configuration is invalid; the old one keeps serving:\n{errors}"
+            );
+            return;
+        }
+    };
+    let old = proxy.table();
+    if config.server.listen != old.config.server.listen
+        || config.server.admin != old.config.server.admin
+        || config.server.workers != old.config.server.workers
+    {
+        tracing::warn!(
+            "server.listen, server.admin and server.workers take effect on restart only"
+        );
+    }
+    if let Err(errors) = proxy.reload(config) {
+        tracing::error!(
+            "the new configuration could not be built; the old one keeps serving:\n{errors}"
+        );
+    }
+}
+
+async fn serve_admin(listener: TcpListener, proxy: Arc<Proxy>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(proxy, request).await) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Drains histogram samples now and then, so memory stays flat between
+/// scrapes.
+async fn upkeep(proxy: Arc<Proxy>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        proxy.metrics.upkeep();
+    }
+}

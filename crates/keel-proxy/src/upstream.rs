@@ -1,0 +1,376 @@
+//! Upstreams: their endpoints, the connection pool to them, the choice of an
+//! endpoint per attempt (power of two choices on requests in flight), active
+//! health checks, and outlier ejection.
+//!
+//! An endpoint is in rotation while it passes its health checks (or has
+//! none) and is not ejected. Outlier detection ejects an endpoint after
+//! `consecutive_failures` failures in a row (connect failures, resets,
+//! timeouts, 5xx) for `base_ejection_time` times the number of times it was
+//! ejected in a row, at most `max_ejection_time`; it never ejects the last
+//! endpoint in rotation.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use metrics::{Counter, Gauge};
+
+use crate::config;
+
+/// A request body on its way to an upstream: buffered (so it can be sent
+/// again) or streamed once.
+pub(crate) type UpstreamBody = Either<Full<Bytes>, Incoming>;
+
+/// Why an attempt got no response from the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// No connection could be made (or no endpoint is in rotation).
+    Connect,
+    /// The connection failed after the request was (maybe) sent.
+    Reset,
+}
+
+/// One upstream and its endpoints.
+pub(crate) struct Upstream {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: config::Upstream,
+    pub(crate) endpoints: Box<[Endpoint]>,
+    client: Client<HttpConnector, UpstreamBody>,
+    epoch: Instant,
+    /// Health-check tasks, stopped when the upstream goes (on reload).
+    checks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One endpoint of an upstream.
+pub(crate) struct Endpoint {
+    pub(crate) address: Arc<str>,
+    authority: Authority,
+    in_flight: AtomicU32,
+    /// Passing its health checks (always, without any).
+    healthy: AtomicBool,
+    consecutive_failures: AtomicU32,
+    /// Nanoseconds since the upstream's epoch until which it is ejected;
+    /// 0 when it is not.
+    ejected_until: AtomicU64,
+    /// Ejections in a row, for the growing ejection time.
+    ejections: AtomicU32,
+    in_rotation: Gauge,
+    ejected_total: Counter,
+}
+
+impl Upstream {
+    /// Builds an upstream and, with a runtime, starts its health checks.
+    pub(crate) fn new(name: &str, config: &config::Upstream) -> Arc<Upstream> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|address| Endpoint {
+                address: address.as_str().into(),
+                authority: address
+                    .parse()
+                    .expect("endpoints are checked to be host:port"),
+                in_flight: AtomicU32::new(0),
+                healthy: AtomicBool::new(true),
+                consecutive_failures: AtomicU32::new(0),
+                ejected_until: AtomicU64::new(0),
+                ejections: AtomicU32::new(0),
+                in_rotation: metrics::gauge!(crate::metrics::UPSTREAM_HEALTHY, "upstream" => name.to_owned(), "endpoint" => address.clone()),
+                ejected_total: metrics::counter!(crate::metrics::EJECTIONS, "upstream" => name.to_owned(), "endpoint" => address.clone()),
+            })
+            .collect::<Box<[_]>>();
+        for e in endpoints.iter() {
+            e.in_rotation.set(1.0);
+        }
+        let upstream = Arc::new(Upstream {
+            name: name.into(),
+            config: config.clone(),
+            endpoints,
+            client,
+            epoch: Instant::now(),
+            checks: std::sync::Mutex::default(),
+        });
+        if let Some(hc) = &config.health_check {
+            let tasks = (0..upstream.endpoints.len())
+                .map(|i| tokio::spawn(health_check(Arc::downgrade(&upstream), i, hc.clone())))
+                .collect();
+            *upstream.checks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        }
+        upstream
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn ejected(&self, e: &Endpoint, now: u64) -> bool {
+        let until = e.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if now < until {
+            return true;
+        }
+        // The ejection is over: back in rotation (once, for the gauge).
+        if e.ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::info!(upstream = %self.name, endpoint = %e.address, "endpoint back in rotation after ejection");
+            if e.healthy.load(Ordering::Relaxed) {
+                e.in_rotation.set(1.0);
+            }
+        }
+        false
+    }
+
+    /// Endpoints passing their health checks (ejection aside).
+    pub(crate) fn healthy_endpoints(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| e.healthy.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Picks an endpoint in rotation: the less busy of two chosen at random.
+    pub(crate) fn pick(&self) -> Option<Picked<'_>> {
+        let n = self.endpoints.len();
+        let now = self.now();
+        let eligible = |i: usize| {
+            self.endpoints[i].healthy.load(Ordering::Relaxed)
+                && !self.ejected(&self.endpoints[i], now)
+        };
+        let chosen = if n == 1 {
+            eligible(0).then_some(0)
+        } else {
+            let a = random_below(n);
+            let b = (a + 1 + random_below(n - 1)) % n;
+            match (eligible(a), eligible(b)) {
+                (true, true) => {
+                    let load = |i: usize| self.endpoints[i].in_flight.load(Ordering::Relaxed);
+                    Some(if load(b) < load(a) { b } else { a })
+                }
+                (true, false) => Some(a),
+                (false, true) => Some(b),
+                // Both out: take the first in rotation from a random start.
+                (false, false) => (0..n).map(|k| (a + k) % n).find(|&i| eligible(i)),
+            }
+        };
+        let endpoint = &self.endpoints[chosen?];
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Picked {
+            upstream: self,
+            endpoint,
+        })
+    }
+
+    /// Sends `request` (whose URI holds only a path and query) to `endpoint`.
+    pub(crate) async fn send(
+        &self,
+        endpoint: &Endpoint,
+        mut request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *request.uri_mut() = http::Uri::builder()
+            .scheme("http")
+            .authority(endpoint.authority.clone())
+            .path_and_query(path)
+            .build()
+            .expect("scheme, authority and path are valid");
+        self.client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                SendError::Connect
+            } else {
+                SendError::Reset
+            }
+        })
+    }
+
+    fn record(&self, endpoint: &Endpoint, failed: bool) {
+        let outlier = &self.config.outlier_detection;
+        if outlier.consecutive_failures == 0 {
+            return;
+        }
+        if !failed {
+            endpoint.consecutive_failures.store(0, Ordering::Relaxed);
+            if endpoint.ejected_until.load(Ordering::Relaxed) == 0 {
+                endpoint.ejections.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let failures = endpoint
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if failures < outlier.consecutive_failures {
+            return;
+        }
+        let now = self.now();
+        if self.ejected(endpoint, now) {
+            return;
+        }
+        // Never eject the last endpoint in rotation.
+        let others = self
+            .endpoints
+            .iter()
+            .filter(|e| {
+                !std::ptr::eq(*e, endpoint)
+                    && e.healthy.load(Ordering::Relaxed)
+                    && !self.ejected(e, now)
+            })
+            .count();
+        if others == 0 {
+            return;
+        }
+        endpoint.consecutive_failures.store(0, Ordering::Relaxed);
+        let times = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = outlier
+            .base_ejection_time
+            .saturating_mul(times)
+            .min(outlier.max_ejection_time);
+        let until = now.saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX));
+        endpoint.ejected_until.store(until, Ordering::Relaxed);
+        endpoint.in_rotation.set(0.0);
+        endpoint.ejected_total.increment(1);
+        tracing::warn!(upstream = %self.name, endpoint = %endpoint.address, failures, ejected_for = ?time, "endpoint ejected after failures in a row");
+    }
+
+    /// For `/state`: each endpoint's standing.
+    pub(crate) fn state(&self) -> serde_json::Value {
+        let now = self.now();
+        let endpoints: Vec<_> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "endpoint": &*e.address,
+                    "healthy": e.healthy.load(Ordering::Relaxed),
+                    "ejected": self.ejected(e, now),
+                    "in_flight": e.in_flight.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        serde_json::json!({ "endpoints": endpoints, "required": self.config.required })
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for task in self
+            .checks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
+/// An endpoint chosen for one attempt; counts it as in flight until told
+/// how the attempt went, or dropped.
+pub(crate) struct Picked<'a> {
+    upstream: &'a Upstream,
+    pub(crate) endpoint: &'a Endpoint,
+}
+
+impl Picked<'_> {
+    /// The attempt is over; `failed` feeds outlier detection.
+    pub(crate) fn done(self, failed: bool) {
+        self.upstream.record(self.endpoint, failed);
+    }
+}
+
+impl Drop for Picked<'_> {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Checks endpoint `i` every interval while the upstream lives.
+async fn health_check(upstream: Weak<Upstream>, i: usize, hc: config::HealthCheck) {
+    let mut passes = 0u32;
+    let mut failures = 0u32;
+    let mut tick = tokio::time::interval(hc.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(up) = upstream.upgrade() else { return };
+        let endpoint = &up.endpoints[i];
+        let request = http::Request::get(hc.path.as_str())
+            .header(http::header::USER_AGENT, "keel-health-check")
+            .body(Either::Left(Full::new(Bytes::new())))
+            .expect("a GET with a checked path is valid");
+        let ok = match tokio::time::timeout(hc.timeout, up.send(endpoint, request)).await {
+            Ok(Ok(response)) => response.status().is_success(),
+            _ => false,
+        };
+        let was = endpoint.healthy.load(Ordering::Relaxed);
+        if ok {
+            passes += 1;
+            failures = 0;
+            if !was && passes >= hc.healthy_threshold {
+                endpoint.healthy.store(true, Ordering::Relaxed);
+                if !up.ejected(endpoint, up.now()) {
+                    endpoint.in_rotation.set(1.0);
+                }
+                tracing::info!(upstream = %up.name, endpoint = %endpoint.address, "endpoint passes its health check: back in rotation");
+            }
+        } else {
+            failures += 1;
+            passes = 0;
+            if was && failures >= hc.unhealthy_threshold {
+                endpoint.healthy.store(false, Ordering::Relaxed);
+                endpoint.in_rotation.set(0.0);
+                tracing::warn!(upstream = %up.name, endpoint = %endpoint.address, failures, "endpoint fails its health check: out of rotation");
+            }
+        }
+    }
+}
+
+/// A random number below `n` (n > 0), from a per-thread xorshift.
+fn random_below(n: usize) -> usize {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new().build_hasher().finish() | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (((x >> 32) * n as u64) >> 32) as usize
+    })
+}
