@@ -97,6 +97,7 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
                     let connection = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .max_buf_size(MAX_HEAD_BYTES)
+                        .max_header_size(MAX_HEAD_BYTES)
                         .serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
