@@ -202,12 +202,21 @@ fn the_command_line_says_how_to_use_it() {
         .arg("nonsense")
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: keel check --config FILE"));
+    assert_eq!(out.status.code(), Some(2));
+    let usage = String::from_utf8_lossy(&out.stderr);
+    assert!(usage.contains("keel run --config FILE"), "{usage}");
+    assert!(usage.contains("keel check --config FILE"), "{usage}");
     let out = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["check", "--config", "/nonexistent/keel.toml"])
         .output()
         .unwrap();
     assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+    // `run` on a bad file fails at once with the same list, and serves nothing.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["run", "--config", "/nonexistent/keel.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
