@@ -6,7 +6,6 @@
 //! so their state (breakers, limiters, bulkheads, endpoint health) goes on.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -17,7 +16,7 @@ use keel::shed::LoadShedder;
 
 use crate::config::{Config, ConfigErrors, FieldError};
 use crate::metrics::{Metrics, RouteMetrics, UNMATCHED};
-use crate::route::{Failure, ResponseBody, Route};
+use crate::route::{Failure, Peer, ResponseBody, Route};
 use crate::upstream::Upstream;
 
 /// Everything one configuration serves with.
@@ -169,7 +168,7 @@ impl Proxy {
     pub(crate) async fn handle(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
     ) -> Response<ResponseBody> {
         let table = self.table();
         match table.route(request.uri().path()) {

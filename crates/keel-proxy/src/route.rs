@@ -28,11 +28,11 @@ use keel::timeout::Timeout;
 
 use crate::config::{self, Condition, RateKey};
 use crate::metrics::RouteMetrics;
-use crate::upstream::{SendError, Upstream, UpstreamBody};
+use crate::upstream::{PooledBody, SendError, Upstream, UpstreamBody};
 
 /// A response on its way to the client: the upstream's, streamed, or one
 /// keel wrote.
-pub(crate) type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<PooledBody, Full<Bytes>>;
 
 /// Request bodies up to this size are buffered so that a retry can send
 /// them again; larger or unsized ones stream through in one attempt.
@@ -45,6 +45,25 @@ pub(crate) const REASON: HeaderName = HeaderName::from_static("x-keel-reason");
 const PRIORITY: HeaderName = HeaderName::from_static("x-keel-priority");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The client at the other end of a connection.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    /// Its IP as a header value, for `x-forwarded-for`, made once per
+    /// connection.
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            ip: HeaderValue::from_str(&addr.ip().to_string())
+                .expect("an IP is a valid header value"),
+            addr,
+        }
+    }
+}
 
 /// Why a request did not get its upstream's response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,11 +280,11 @@ enum Limiter {
 }
 
 impl Limiter {
-    fn check(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<(), RateLimited> {
+    fn check(&self, headers: &HeaderMap, peer: &Peer) -> Result<(), RateLimited> {
         match self {
             Limiter::Global(limiter) => limiter.check(),
             Limiter::Keyed(limiter, RateKey::Ip) => {
-                let key = match peer.ip() {
+                let key = match peer.addr.ip() {
                     std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
                     std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
                 };
@@ -453,7 +472,7 @@ impl Route {
         &self,
         shed: Option<&LoadShedder>,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let in_flight = self.metrics.in_flight();
@@ -487,7 +506,7 @@ impl Route {
         &self,
         shed: Option<&LoadShedder>,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
     ) -> Result<Response<ResponseBody>, Failure> {
         let (mut parts, body) = request.into_parts();
         let _admitted = match shed {
@@ -528,7 +547,7 @@ impl Route {
         parts: Parts,
         body: Incoming,
         idempotent: bool,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<PooledBody>, Failure> {
         let _seat = match &self.bulkhead {
             Some(bulkhead) => Some(
                 bulkhead
@@ -546,7 +565,7 @@ impl Route {
             Replayable::No(body) => return self.attempt(&parts, Either::Right(body)).await,
             Replayable::Unreadable => return Err(Failure::BadBody),
         };
-        let classify = |result: &Result<Response<Incoming>, Failure>| -> Verdict {
+        let classify = |result: &Result<Response<PooledBody>, Failure>| -> Verdict {
             let (outcome, retryable, hint) = match result {
                 Ok(response) => {
                     let s = response.status().as_u16();
@@ -580,7 +599,7 @@ impl Route {
         &self,
         parts: &Parts,
         body: UpstreamBody,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<PooledBody>, Failure> {
         let permit = match &self.breaker {
             Some(breaker) => Some(
                 breaker
@@ -603,7 +622,11 @@ impl Route {
         result
     }
 
-    async fn send(&self, parts: &Parts, body: UpstreamBody) -> Result<Response<Incoming>, Failure> {
+    async fn send(
+        &self,
+        parts: &Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<PooledBody>, Failure> {
         if let Some(fault) = &self.fault {
             let injection = fault.chaos.decide();
             if let Some(delay) = injection.delay {
@@ -722,20 +745,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_request(parts: &mut Parts, peer: SocketAddr) {
+fn prepare_request(parts: &mut Parts, peer: &Peer) {
     strip_hop_by_hop(&mut parts.headers);
-    let ip = peer.ip().to_string();
-    let forwarded = match parts
+    let earlier = parts
         .headers
         .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
-    {
-        Some(earlier) => format!("{earlier}, {ip}"),
-        None => ip,
+        .map(|earlier| format!("{earlier}, {}", peer.addr.ip()));
+    match earlier.and_then(|list| HeaderValue::from_str(&list).ok()) {
+        Some(list) => parts.headers.insert(X_FORWARDED_FOR, list),
+        None => parts.headers.insert(X_FORWARDED_FOR, peer.ip.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        parts.headers.insert(X_FORWARDED_FOR, value);
-    }
 }
 
 /// `Retry-After` in seconds or as an HTTP date.

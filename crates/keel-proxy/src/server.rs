@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Table};
+use crate::route::Peer;
 
 /// Requests' heads may take this much buffer; larger ones get 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -90,14 +91,17 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let proxy = proxy.clone();
+                    let client = Arc::new(Peer::new(peer));
                     let service = service_fn(move |request| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+                        let (proxy, client) = (proxy.clone(), client.clone());
+                        async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
                     });
                     let connection = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .max_buf_size(MAX_HEAD_BYTES)
                         .max_header_size(MAX_HEAD_BYTES)
+                        // Head and small bodies in one buffer, one send.
+                        .writev(false)
                         .serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {

@@ -12,15 +12,17 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::Authority;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use metrics::{Counter, Gauge};
 
 use crate::config;
@@ -28,6 +30,9 @@ use crate::config;
 /// A request body on its way to an upstream: buffered (so it can be sent
 /// again) or streamed once.
 pub(crate) type UpstreamBody = Either<Full<Bytes>, Incoming>;
+
+/// Idle connections kept per endpoint at most.
+const MAX_IDLE_PER_ENDPOINT: usize = 512;
 
 /// Why an attempt got no response from the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +48,6 @@ pub(crate) struct Upstream {
     pub(crate) name: Arc<str>,
     pub(crate) config: config::Upstream,
     pub(crate) endpoints: Box<[Endpoint]>,
-    client: Client<HttpConnector, UpstreamBody>,
     epoch: Instant,
     /// Health-check tasks, stopped when the upstream goes (on reload).
     checks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -61,6 +65,8 @@ impl std::fmt::Debug for Upstream {
 pub(crate) struct Endpoint {
     pub(crate) address: Arc<str>,
     authority: Authority,
+    /// Kept-alive connections ready for a request, most recent last.
+    idle: Arc<Idle>,
     in_flight: AtomicU32,
     /// Passing its health checks (always, without any).
     healthy: AtomicBool,
@@ -77,14 +83,6 @@ pub(crate) struct Endpoint {
 impl Upstream {
     /// Builds an upstream and, with a runtime, starts its health checks.
     pub(crate) fn new(name: &str, config: &config::Upstream) -> Arc<Upstream> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
         let endpoints = config
             .endpoints
             .iter()
@@ -93,6 +91,7 @@ impl Upstream {
                 authority: address
                     .parse()
                     .expect("endpoints are checked to be host:port"),
+                idle: Arc::default(),
                 in_flight: AtomicU32::new(0),
                 healthy: AtomicBool::new(true),
                 consecutive_failures: AtomicU32::new(0),
@@ -109,7 +108,6 @@ impl Upstream {
             name: name.into(),
             config: config.clone(),
             endpoints,
-            client,
             epoch: Instant::now(),
             checks: std::sync::Mutex::default(),
         });
@@ -189,30 +187,73 @@ impl Upstream {
         })
     }
 
-    /// Sends `request` (whose URI holds only a path and query) to `endpoint`.
+    /// Sends `request` to `endpoint` on a kept-alive connection, or a new
+    /// one. The request's URI is sent as its path and query (origin form).
     pub(crate) async fn send(
         &self,
         endpoint: &Endpoint,
         mut request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<Incoming>, SendError> {
-        let path = request
+    ) -> Result<http::Response<PooledBody>, SendError> {
+        let origin = request
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        *request.uri_mut() = http::Uri::builder()
-            .scheme("http")
-            .authority(endpoint.authority.clone())
-            .path_and_query(path)
-            .build()
-            .expect("scheme, authority and path are valid");
-        self.client.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                SendError::Connect
-            } else {
-                SendError::Reset
+        let mut uri = http::uri::Parts::default();
+        uri.path_and_query = Some(origin);
+        *request.uri_mut() = http::Uri::from_parts(uri).expect("a path alone is a valid URI");
+        if !request.headers().contains_key(http::header::HOST) {
+            if let Ok(host) = http::HeaderValue::from_str(endpoint.authority.as_str()) {
+                request.headers_mut().insert(http::header::HOST, host);
             }
-        })
+        }
+        let mut sender = self.connection(endpoint).await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|_| SendError::Reset)?;
+        let (parts, body) = response.into_parts();
+        let body = PooledBody {
+            inner: body,
+            connection: Some((sender, endpoint.idle.clone())),
+        };
+        Ok(http::Response::from_parts(parts, body))
+    }
+
+    /// A connection to `endpoint` ready for a request: the most recently
+    /// used idle one that is still open, else a new one.
+    async fn connection(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<SendRequest<UpstreamBody>, SendError> {
+        while let Some(mut sender) = endpoint.idle.take() {
+            if sender.is_closed() {
+                continue;
+            }
+            // Usually ready at once; a connection whose last response was
+            // just read may take a moment to settle.
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        let connect = tokio::net::TcpStream::connect(endpoint.address.as_ref());
+        let stream = match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            _ => return Err(SendError::Connect),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| SendError::Connect)?;
+        let (name, address) = (self.name.clone(), endpoint.address.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(upstream = %name, endpoint = %address, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     fn record(&self, endpoint: &Endpoint, failed: bool) {
@@ -316,6 +357,68 @@ impl Drop for Picked<'_> {
     }
 }
 
+/// An endpoint's idle connections.
+#[derive(Default)]
+struct Idle(std::sync::Mutex<Vec<SendRequest<UpstreamBody>>>);
+
+impl Idle {
+    fn take(&self) -> Option<SendRequest<UpstreamBody>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put(&self, sender: SendRequest<UpstreamBody>) {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(sender);
+        }
+    }
+}
+
+/// An upstream response's body. Once it has been read to the end, its
+/// connection goes back to the endpoint's idle list; dropped before the
+/// end, the connection is closed with it.
+pub(crate) struct PooledBody {
+    inner: Incoming,
+    connection: Option<(SendRequest<UpstreamBody>, Arc<Idle>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((sender, idle)) = self.connection.take() {
+            if !sender.is_closed() {
+                idle.put(sender);
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.connection = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Checks endpoint `i` every interval while the upstream lives.
 async fn health_check(upstream: Weak<Upstream>, i: usize, hc: config::HealthCheck) {
     let mut passes = 0u32;
@@ -330,10 +433,19 @@ async fn health_check(upstream: Weak<Upstream>, i: usize, hc: config::HealthChec
             .header(http::header::USER_AGENT, "keel-health-check")
             .body(Either::Left(Full::new(Bytes::new())))
             .expect("a GET with a checked path is valid");
-        let ok = match tokio::time::timeout(hc.timeout, up.send(endpoint, request)).await {
-            Ok(Ok(response)) => response.status().is_success(),
-            _ => false,
+        // Read to the end, so that the connection is kept for the next one.
+        let check = async {
+            let response = up.send(endpoint, request).await.ok()?;
+            let ok = response.status().is_success();
+            http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .ok()?;
+            Some(ok)
         };
+        let ok = matches!(
+            tokio::time::timeout(hc.timeout, check).await,
+            Ok(Some(true))
+        );
         let was = endpoint.healthy.load(Ordering::Relaxed);
         if ok {
             passes += 1;

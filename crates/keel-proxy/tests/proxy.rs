@@ -62,6 +62,42 @@ async fn proxies_the_path_unchanged_to_the_longest_matching_route() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let stub = Stub::start().await;
+    stub.behave(|h, _| {
+        if h.path == "/error" {
+            Reply::status(500)
+        } else {
+            Reply::ok(&"x".repeat(10_000))
+        }
+    });
+    let keel = Keel::start(&format!(
+        "{}{}",
+        upstream("web", &[stub.addr]),
+        route("web", "/", "web", "")
+    ))
+    .await;
+    for i in 0..50 {
+        let r = keel.get(if i % 5 == 0 { "/error" } else { "/" }).await;
+        assert!(r.status == 500 || r.body.len() == 10_000);
+    }
+    // One after another: one connection carries them all.
+    assert_eq!(stub.connections(), 1);
+    // Cut off before its body ends, a response's connection is not reused.
+    stub.behave(|_, _| Reply::ok("late\n").after(Duration::from_secs(10)));
+    let keel = std::sync::Arc::new(keel);
+    let k = keel.clone();
+    let pending = tokio::spawn(async move { k.get("/").await });
+    eventually(5 * SECOND, || async { (stub.count() == 51).then_some(()) })
+        .await
+        .unwrap();
+    pending.abort();
+    stub.behave(|_, _| Reply::ok("ok\n"));
+    assert_eq!(keel.get("/").await.status, 200);
+    assert_eq!(stub.connections(), 2);
+}
+
+#[tokio::test]
 async fn spreads_requests_over_endpoints() {
     let (a, b) = (Stub::start().await, Stub::start().await);
     let keel = Keel::start(&format!(

@@ -111,6 +111,7 @@ pub struct Stub {
     pub addr: SocketAddr,
     hits: Arc<Mutex<Vec<Hit>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: Arc<tokio::task::JoinHandle<()>>,
 }
 
@@ -123,11 +124,14 @@ impl Stub {
         let ok: Behaviour = Arc::new(|_, _| Reply::ok("ok\n"));
         let behaviour = Arc::new(Mutex::new(ok));
         let (h, b) = (hits.clone(), behaviour.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (hits, behaviour) = (h.clone(), b.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -190,6 +194,7 @@ impl Stub {
             addr,
             hits,
             behaviour,
+            connections,
             task: Arc::new(task),
         }
     }
@@ -203,6 +208,11 @@ impl Stub {
     /// The requests received so far (health checks aside).
     pub fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn count(&self) -> usize {
