@@ -340,8 +340,9 @@ impl Keel {
 
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("keel is running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid])
+        // The shell's own `kill`: no procps needed.
+        let status = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -{name} {pid}")])
             .status()
             .unwrap();
         assert!(status.success());
