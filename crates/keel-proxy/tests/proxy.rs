@@ -8,6 +8,15 @@ use support::{eventually, free_port, raw, upstream, Keel, Reply, Stub};
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// One upstream `web` (the stub) and one route `web` on `/` with `extra`.
+fn web(stub: &Stub, extra: &str) -> String {
+    format!(
+        "{}{}",
+        upstream("web", &[stub.addr]),
+        route("web", "/", "web", extra)
+    )
+}
+
 fn route(name: &str, prefix: &str, upstream: &str, extra: &str) -> String {
     format!("[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\n{extra}\n")
 }
@@ -71,12 +80,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
             Reply::ok(&"x".repeat(10_000))
         }
     });
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route("web", "/", "web", "")
-    ))
-    .await;
+    let keel = Keel::start(&web(&stub, "")).await;
     for i in 0..50 {
         let r = keel.get(if i % 5 == 0 { "/error" } else { "/" }).await;
         assert!(r.status == 500 || r.body.len() == 10_000);
@@ -131,12 +135,7 @@ async fn retries_5xx_for_idempotent_requests_only() {
             Reply::status(503)
         }
     });
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route("web", "/", "web", &format!("{RETRY}on = [\"5xx\"]\n"))
-    ))
-    .await;
+    let keel = Keel::start(&web(&stub, &format!("{RETRY}on = [\"5xx\"]\n"))).await;
 
     let r = keel.get("/a").await;
     assert_eq!((r.status, r.body.as_str()), (200, "third time\n"));
@@ -264,15 +263,9 @@ async fn per_try_timeout_cuts_an_attempt_and_retries() {
             Reply::ok("fast\n")
         }
     });
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route(
-            "web",
-            "/",
-            "web",
-            &format!("timeout = \"5s\"\n{RETRY}per_try_timeout = \"200ms\"\non = [\"timeout\"]\n")
-        )
+    let keel = Keel::start(&web(
+        &stub,
+        &format!("timeout = \"5s\"\n{RETRY}per_try_timeout = \"200ms\"\non = [\"timeout\"]\n"),
     ))
     .await;
     let started = Instant::now();
@@ -286,15 +279,9 @@ async fn per_try_timeout_cuts_an_attempt_and_retries() {
 async fn the_total_timeout_answers_504() {
     let stub = Stub::start().await;
     stub.behave(|_, _| Reply::ok("slow\n").after(10 * SECOND));
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route(
-            "web",
-            "/",
-            "web",
-            &format!("timeout = \"300ms\"\n{RETRY}on = [\"timeout\"]\n")
-        )
+    let keel = Keel::start(&web(
+        &stub,
+        &format!("timeout = \"300ms\"\n{RETRY}on = [\"timeout\"]\n"),
     ))
     .await;
     let started = Instant::now();
@@ -318,12 +305,7 @@ async fn retry_after_replaces_the_backoff() {
             Reply::ok("ok\n")
         }
     });
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route("web", "/", "web", &format!("{RETRY}on = [\"5xx\"]\n"))
-    ))
-    .await;
+    let keel = Keel::start(&web(&stub, &format!("{RETRY}on = [\"5xx\"]\n"))).await;
     assert_eq!(keel.get("/").await.status, 200);
     let hits = stub.hits();
     let gap = hits[1].at - hits[0].at;
@@ -337,12 +319,7 @@ const BREAKER: &str = "[routes.circuit_breaker]\nfailure_rate = 0.5\nwindow = { 
 async fn the_breaker_opens_fails_fast_and_recovers_through_half_open() {
     let stub = Stub::start().await;
     stub.behave(|_, _| Reply::status(500));
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route("web", "/", "web", BREAKER)
-    ))
-    .await;
+    let keel = Keel::start(&web(&stub, BREAKER)).await;
     for _ in 0..4 {
         assert_eq!(keel.get("/").await.status, 500);
     }
@@ -517,16 +494,7 @@ async fn injected_faults_abort_without_calling_the_upstream_and_delay() {
 #[tokio::test]
 async fn injected_aborts_are_retried_and_trip_the_breaker_like_real_failures() {
     let stub = Stub::start().await;
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route(
-            "web",
-            "/",
-            "web",
-            &format!("{RETRY}on = [\"5xx\"]\n{BREAKER}[routes.fault]\nabort = {{ percent = 100, status = 503 }}\n")
-        ),
-    ))
+    let keel = Keel::start(&web(&stub, &format!("{RETRY}on = [\"5xx\"]\n{BREAKER}[routes.fault]\nabort = {{ percent = 100, status = 503 }}\n")))
     .await;
     // Three attempts, each aborted: the breaker saw 3 failures.
     let r = keel.get("/").await;
@@ -691,11 +659,7 @@ async fn outlier_detection_ejects_a_failing_endpoint_but_never_the_last() {
 #[tokio::test]
 async fn metrics_and_state_describe_the_routes() {
     let stub = Stub::start().await;
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route("web", "/", "web", &format!("{RETRY}on = [\"5xx\"]\n{BREAKER}[routes.bulkhead]\nmax_concurrent = 7\n[routes.rate_limit]\nrequests_per_second = 1000\nburst = 50\n"))
-    ))
+    let keel = Keel::start(&web(&stub, &format!("{RETRY}on = [\"5xx\"]\n{BREAKER}[routes.bulkhead]\nmax_concurrent = 7\n[routes.rate_limit]\nrequests_per_second = 1000\nburst = 50\n")))
     .await;
     for _ in 0..5 {
         keel.get("/").await;
@@ -838,12 +802,7 @@ async fn the_breaker_switch_and_the_admin_token() {
 #[tokio::test]
 async fn malformed_requests_get_4xx_and_the_proxy_stays_up() {
     let stub = Stub::start().await;
-    let keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route("web", "/", "web", "")
-    ))
-    .await;
+    let keel = Keel::start(&web(&stub, "")).await;
     let answer = raw(keel.listen, b"NOT HTTP AT ALL\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let huge = format!(
@@ -926,12 +885,7 @@ async fn sighup_reloads_keeping_unchanged_routes_state_and_rejects_a_bad_file() 
 async fn sigterm_drains_a_request_in_flight_then_exits_0() {
     let stub = Stub::start().await;
     stub.behave(|_, _| Reply::ok("finished\n").after(SECOND));
-    let mut keel = Keel::start(&format!(
-        "{}{}",
-        upstream("web", &[stub.addr]),
-        route("web", "/", "web", "")
-    ))
-    .await;
+    let mut keel = Keel::start(&web(&stub, "")).await;
     let listen = keel.listen;
     let client = keel.client.clone();
     let in_flight = tokio::spawn(async move {
