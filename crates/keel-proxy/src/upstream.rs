@@ -126,12 +126,15 @@ impl Upstream {
             .max(1)
     }
 
-    fn ejected(&self, e: &Endpoint, now: u64) -> bool {
+    /// Whether `e` is ejected now. Reads the clock only for an endpoint
+    /// that was ejected, so the common path (nothing ejected) has no clock
+    /// read per request.
+    fn ejected(&self, e: &Endpoint) -> bool {
         let until = e.ejected_until.load(Ordering::Relaxed);
         if until == 0 {
             return false;
         }
-        if now < until {
+        if self.now() < until {
             return true;
         }
         // The ejection is over: back in rotation (once, for the gauge).
@@ -158,10 +161,8 @@ impl Upstream {
     /// Picks an endpoint in rotation: the less busy of two chosen at random.
     pub(crate) fn pick(&self) -> Option<Picked<'_>> {
         let n = self.endpoints.len();
-        let now = self.now();
         let eligible = |i: usize| {
-            self.endpoints[i].healthy.load(Ordering::Relaxed)
-                && !self.ejected(&self.endpoints[i], now)
+            self.endpoints[i].healthy.load(Ordering::Relaxed) && !self.ejected(&self.endpoints[i])
         };
         let chosen = if n == 1 {
             eligible(0).then_some(0)
@@ -194,14 +195,19 @@ impl Upstream {
         endpoint: &Endpoint,
         mut request: http::Request<UpstreamBody>,
     ) -> Result<http::Response<PooledBody>, SendError> {
-        let origin = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let mut uri = http::uri::Parts::default();
-        uri.path_and_query = Some(origin);
-        *request.uri_mut() = http::Uri::from_parts(uri).expect("a path alone is a valid URI");
+        // Clients send the origin form; an absolute-form URI (a request
+        // meant for a forward proxy) is cut down to its path and query.
+        if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+            let mut uri = http::uri::Parts::default();
+            uri.path_and_query = Some(
+                request
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            *request.uri_mut() = http::Uri::from_parts(uri).expect("a path alone is a valid URI");
+        }
         if !request.headers().contains_key(http::header::HOST) {
             if let Ok(host) = http::HeaderValue::from_str(endpoint.authority.as_str()) {
                 request.headers_mut().insert(http::header::HOST, host);
@@ -275,8 +281,7 @@ impl Upstream {
         if failures < outlier.consecutive_failures {
             return;
         }
-        let now = self.now();
-        if self.ejected(endpoint, now) {
+        if self.ejected(endpoint) {
             return;
         }
         // Never eject the last endpoint in rotation.
@@ -284,9 +289,7 @@ impl Upstream {
             .endpoints
             .iter()
             .filter(|e| {
-                !std::ptr::eq(*e, endpoint)
-                    && e.healthy.load(Ordering::Relaxed)
-                    && !self.ejected(e, now)
+                !std::ptr::eq(*e, endpoint) && e.healthy.load(Ordering::Relaxed) && !self.ejected(e)
             })
             .count();
         if others == 0 {
@@ -298,7 +301,9 @@ impl Upstream {
             .base_ejection_time
             .saturating_mul(times)
             .min(outlier.max_ejection_time);
-        let until = now.saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX));
+        let until = self
+            .now()
+            .saturating_add(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX));
         endpoint.ejected_until.store(until, Ordering::Relaxed);
         endpoint.in_rotation.set(0.0);
         endpoint.ejected_total.increment(1);
@@ -307,7 +312,6 @@ impl Upstream {
 
     /// For `/state`: each endpoint's standing.
     pub(crate) fn state(&self) -> serde_json::Value {
-        let now = self.now();
         let endpoints: Vec<_> = self
             .endpoints
             .iter()
@@ -315,7 +319,7 @@ impl Upstream {
                 serde_json::json!({
                     "endpoint": &*e.address,
                     "healthy": e.healthy.load(Ordering::Relaxed),
-                    "ejected": self.ejected(e, now),
+                    "ejected": self.ejected(e),
                     "in_flight": e.in_flight.load(Ordering::Relaxed),
                 })
             })
@@ -452,7 +456,7 @@ async fn health_check(upstream: Weak<Upstream>, i: usize, hc: config::HealthChec
             failures = 0;
             if !was && passes >= hc.healthy_threshold {
                 endpoint.healthy.store(true, Ordering::Relaxed);
-                if !up.ejected(endpoint, up.now()) {
+                if !up.ejected(endpoint) {
                     endpoint.in_rotation.set(1.0);
                 }
                 tracing::info!(upstream = %up.name, endpoint = %endpoint.address, "endpoint passes its health check: back in rotation");

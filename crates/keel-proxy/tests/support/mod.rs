@@ -145,11 +145,9 @@ impl Stub {
                                 .unwrap_or_default();
                             let hit = Hit {
                                 method: parts.method,
-                                path: parts
-                                    .uri
-                                    .path_and_query()
-                                    .map_or("/", |p| p.as_str())
-                                    .to_owned(),
+                                // The request target as sent: the origin
+                                // form, unless it came in absolute form.
+                                path: parts.uri.to_string(),
                                 headers: parts.headers,
                                 body,
                                 at: Instant::now(),
