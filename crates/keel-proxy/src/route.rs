@@ -276,28 +276,33 @@ impl Conditions {
 
 enum Limiter {
     Global(RateLimiter),
-    Keyed(KeyedRateLimiter<Vec<u8>>, RateKey),
+    Keyed(Box<KeyedRateLimiter<Vec<u8>>>, KeyBy),
+}
+
+/// What a keyed limit counts by.
+enum KeyBy {
+    Ip,
+    Header(HeaderName),
 }
 
 impl Limiter {
     fn check(&self, headers: &HeaderMap, peer: &Peer) -> Result<(), RateLimited> {
         match self {
             Limiter::Global(limiter) => limiter.check(),
-            Limiter::Keyed(limiter, RateKey::Ip) => {
+            Limiter::Keyed(limiter, KeyBy::Ip) => {
                 let key = match peer.addr.ip() {
                     std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
                     std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
                 };
                 limiter.check_key(&key)
             }
-            Limiter::Keyed(limiter, RateKey::Header(name)) => {
+            Limiter::Keyed(limiter, KeyBy::Header(name)) => {
                 let key = headers
-                    .get(name.as_str())
+                    .get(name)
                     .map(|v| v.as_bytes().to_vec())
                     .unwrap_or_default();
                 limiter.check_key(&key)
             }
-            Limiter::Keyed(limiter, RateKey::Global) => limiter.check_key(&Vec::new()),
         }
     }
 }
@@ -370,15 +375,24 @@ impl Route {
                 let builder = RateLimiter::builder(name.clone())
                     .per_second(rl.requests_per_second)
                     .burst(rl.burst);
-                Some(match &rl.key {
-                    RateKey::Global => {
-                        Limiter::Global(builder.build().map_err(field("rate_limit"))?)
-                    }
-                    key => Limiter::Keyed(
-                        builder
-                            .build_keyed(MAX_RATE_KEYS)
-                            .map_err(field("rate_limit"))?,
-                        key.clone(),
+                let by = match &rl.key {
+                    RateKey::Global => None,
+                    RateKey::Ip => Some(KeyBy::Ip),
+                    RateKey::Header(name) => Some(KeyBy::Header(
+                        HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                            keel::ConfigError::new("rate_limit.key", "not a header name")
+                        })?,
+                    )),
+                };
+                Some(match by {
+                    None => Limiter::Global(builder.build().map_err(field("rate_limit"))?),
+                    Some(by) => Limiter::Keyed(
+                        Box::new(
+                            builder
+                                .build_keyed(MAX_RATE_KEYS)
+                                .map_err(field("rate_limit"))?,
+                        ),
+                        by,
                     ),
                 })
             }
