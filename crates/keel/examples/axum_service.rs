@@ -7,6 +7,7 @@
 //! curl localhost:3000/price/sku-1            # pricing: timeout, retry, breaker, hedge, bulkhead
 //! curl localhost:3000/recommendations        # recommendations: shed, rate limit, adaptive limit, fallback
 //! curl localhost:3000/receipt/42             # blocking work on a thread-pool bulkhead
+//! curl -X POST -H 'idempotency-key: k1' localhost:3000/pay/42   # once per key; again replays
 //! curl -X POST 'localhost:3000/chaos/pricing?fail_percent=100'   # break pricing
 //! curl -X POST 'localhost:3000/drill?enabled=true'   # keel's own fault injection on pricing
 //! curl localhost:3000/metrics
@@ -33,6 +34,7 @@ use keel::circuit_breaker::{CircuitBreaker, CircuitBreakerLayer, Window};
 use keel::fallback::{Fallback, FallbackLayer, Served};
 use keel::health::{Check, HealthRegistry, Kind};
 use keel::hedge::{Hedge, HedgeLayer};
+use keel::idempotency::{Idempotency, MemoryStore};
 use keel::observe::{ObserveLayer, Observer};
 use keel::rate_limit::{RateLimitLayer, RateLimiter};
 use keel::retry::{Backoff, Jitter, Retry, RetryBudget, RetryLayer};
@@ -114,6 +116,9 @@ pub struct App {
     pricing: Pricing,
     recommendations: Recommendations,
     receipts: ThreadPool,
+    payments: Idempotency,
+    /// Payments actually made (replays make none).
+    pub payments_made: Arc<AtomicU64>,
     /// The simulated dependencies, to break them.
     pub pricing_dep: Arc<Dependency>,
     pub recommendations_dep: Arc<Dependency>,
@@ -280,10 +285,18 @@ pub fn app(metrics: PrometheusHandle) -> Result<(Router, App), keel::ConfigError
         Ok::<_, String>("loaded".to_string())
     }))?;
 
+    let payments = Idempotency::builder("payments")
+        .store(MemoryStore::new())
+        .ttl(Duration::from_secs(24 * 3600))
+        .lock_timeout(Duration::from_secs(30))
+        .build()?;
+
     let state = App {
         pricing: BoxCloneSyncService::new(pricing),
         recommendations: BoxCloneSyncService::new(recommendations),
         receipts,
+        payments,
+        payments_made: Arc::default(),
         pricing_dep,
         recommendations_dep,
         health: health.clone(),
@@ -295,6 +308,7 @@ pub fn app(metrics: PrometheusHandle) -> Result<(Router, App), keel::ConfigError
         .route("/price/{sku}", get(price))
         .route("/recommendations", get(recommend))
         .route("/receipt/{order}", get(receipt))
+        .route("/pay/{order}", post(pay))
         .route("/chaos/{dependency}", post(chaos))
         .route("/drill", post(drill_switch))
         .route("/metrics", get(render_metrics))
@@ -348,6 +362,49 @@ async fn receipt(State(app): State<App>, Path(order): Path<u64>) -> Response {
     {
         Ok(text) => text.into_response(),
         Err(full) => unavailable(Error::from(full)),
+    }
+}
+
+/// A payment runs once per `Idempotency-Key`: a client retrying after a
+/// timeout gets the first answer back instead of paying twice.
+async fn pay(
+    State(app): State<App>,
+    Path(order): Path<u64>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "an Idempotency-Key header is required",
+        )
+            .into_response();
+    };
+    let fingerprint = format!("pay {order}");
+    let made = app.payments_made.clone();
+    let paid = app
+        .payments
+        .call(key, fingerprint.as_bytes(), || async move {
+            let n = made.fetch_add(1, Ordering::Relaxed) + 1;
+            Ok::<_, std::convert::Infallible>(format!("paid order {order} (payment #{n})"))
+        })
+        .await;
+    match paid {
+        Ok(done) => {
+            let mut response = done.value.into_response();
+            if done.replayed {
+                response.headers_mut().insert(
+                    "idempotent-replay",
+                    axum::http::HeaderValue::from_static("true"),
+                );
+            }
+            response
+        }
+        Err(Error::KeyMismatch) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "this Idempotency-Key was used for another request",
+        )
+            .into_response(),
+        Err(err) => unavailable(err.map_inner(|never| match never {})),
     }
 }
 

@@ -191,6 +191,10 @@ fn own_verdict<E>(e: &Error<E>) -> Verdict {
         Error::Shed { .. } => Verdict::ignore(),
         // A rehearsal of a failing dependency: treated as one.
         Error::FaultInjected => Verdict::failure(),
+        // The caller's mistake: the same again fails the same way.
+        Error::KeyMismatch => Verdict::ignore(),
+        // Keel's own store, not the dependency: worth another try later.
+        Error::StoreUnavailable => Verdict::ignore().with_retryable(true),
         Error::RetriesExhausted { .. } => Verdict::failure().with_retryable(false),
     }
 }

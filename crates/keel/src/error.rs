@@ -87,6 +87,14 @@ pub enum Error<E> {
     /// It counts as a failure of the dependency (that is what it rehearses)
     /// and is retryable.
     FaultInjected,
+    /// An idempotency key came back with a different request (another
+    /// fingerprint) than the one it was first used for. Nothing ran; the
+    /// caller must use a new key for a new request.
+    KeyMismatch,
+    /// A state store (idempotency records, a shared rate limit) could not
+    /// be reached or did not answer in time, and the policy fails closed:
+    /// the operation did not run.
+    StoreUnavailable,
     /// Retry stopped: attempts, time budget or retry budget ran out.
     RetriesExhausted {
         /// How many attempts were made (the first call included).
@@ -156,6 +164,8 @@ impl<E> Error<E> {
             Error::RateLimited { retry_after } => Error::RateLimited { retry_after },
             Error::Shed { priority } => Error::Shed { priority },
             Error::FaultInjected => Error::FaultInjected,
+            Error::KeyMismatch => Error::KeyMismatch,
+            Error::StoreUnavailable => Error::StoreUnavailable,
             Error::RetriesExhausted { attempts, last } => Error::RetriesExhausted {
                 attempts,
                 last: Box::new(last.map_inner(f)),
@@ -189,6 +199,12 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::FaultInjected => {
                 f.write_str("fault injected (chaos): the call did not run")
             }
+            Error::KeyMismatch => f.write_str(
+                "idempotency key reused with a different request; the call did not run (use a new key)",
+            ),
+            Error::StoreUnavailable => f.write_str(
+                "state store unavailable and the policy fails closed; the call did not run",
+            ),
             Error::RetriesExhausted { attempts, last } => {
                 let noun = if *attempts == 1 { "attempt" } else { "attempts" };
                 write!(f, "gave up after {attempts} {noun}; last error: {last}")

@@ -78,6 +78,7 @@ pub mod events;
 pub mod fallback;
 pub mod health;
 pub mod hedge;
+pub mod idempotency;
 mod latency;
 pub mod observe;
 pub mod pipeline;

@@ -29,6 +29,8 @@ pub(crate) const FALLBACKS: &str = "keel_fallbacks_total";
 pub(crate) const HEALTH: &str = "keel_health_check_up";
 pub(crate) const EVENTS_DROPPED: &str = "keel_events_dropped_total";
 pub(crate) const FAULTS: &str = "keel_faults_injected_total";
+pub(crate) const IDEMPOTENCY: &str = "keel_idempotency_total";
+pub(crate) const STORE_UNAVAILABLE: &str = "keel_store_unavailable_total";
 
 /// Every metric keel records, with its description, so exporters print
 /// `# HELP` and units. Called when a policy is built; call it yourself to
@@ -69,6 +71,14 @@ pub fn describe_metrics() {
     describe_counter!(FALLBACKS, "Calls answered by a fallback, by source");
     describe_gauge!(HEALTH, "1 when the health check passes, 0 when it fails");
     describe_counter!(FAULTS, "Faults injected by chaos, by kind");
+    describe_counter!(
+        IDEMPOTENCY,
+        "Idempotent calls by result: executed, released, replayed, mismatch, wait_timeout"
+    );
+    describe_counter!(
+        STORE_UNAVAILABLE,
+        "Store calls that failed or timed out, by the policy's fail mode"
+    );
     describe_counter!(
         EVENTS_DROPPED,
         "Events dropped because a subscriber's buffer was full"

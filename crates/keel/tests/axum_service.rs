@@ -15,10 +15,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One HTTP/1.1 request on a fresh connection: the status and the body.
 async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_with(addr, method, path, "").await
+}
+
+/// `http` with extra header lines (each ending in CRLF).
+async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request =
-            format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}connection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.unwrap();
@@ -176,6 +182,18 @@ async fn metrics_list_every_documented_metric_after_traffic_through_every_policy
     assert!(from("primary") > 0 && from("default") > 0, "{answers:?}");
 
     assert_eq!(http(addr, "GET", "/receipt/42").await.0, 200);
+    // A payment runs once per idempotency key.
+    let key = "idempotency-key: order-42-attempt\r\n";
+    let first = http_with(addr, "POST", "/pay/42", key).await;
+    let again = http_with(addr, "POST", "/pay/42", key).await;
+    assert_eq!(first, (200, "paid order 42 (payment #1)".to_string()));
+    assert_eq!(again, first, "the retry is answered with the first payment");
+    assert_eq!(
+        app.payments_made.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(http_with(addr, "POST", "/pay/43", key).await.0, 422);
+    assert_eq!(http(addr, "POST", "/pay/42").await.0, 400);
     let (status, body) = http(addr, "GET", "/health/ready").await;
     assert_eq!(
         status, 503,

@@ -131,6 +131,10 @@ pub enum ErrorKind {
     RetriesExhausted,
     /// [`Error::FaultInjected`].
     FaultInjected,
+    /// [`Error::KeyMismatch`].
+    KeyMismatch,
+    /// [`Error::StoreUnavailable`].
+    StoreUnavailable,
 }
 
 impl ErrorKind {
@@ -145,6 +149,8 @@ impl ErrorKind {
             Error::Shed { .. } => ErrorKind::Shed,
             Error::RetriesExhausted { .. } => ErrorKind::RetriesExhausted,
             Error::FaultInjected => ErrorKind::FaultInjected,
+            Error::KeyMismatch => ErrorKind::KeyMismatch,
+            Error::StoreUnavailable => ErrorKind::StoreUnavailable,
         }
     }
 }

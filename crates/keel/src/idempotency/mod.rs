@@ -1,0 +1,566 @@
+//! Idempotency keys: a repeated request with the same key is recognised as
+//! the same intent and answered with the first one's result instead of
+//! running again.
+//!
+//! A timeout does not say whether the dependency acted; retrying a payment
+//! is safe only if the second attempt cannot charge twice. [`Idempotency`]
+//! keeps, per key, who is running the operation and then its result:
+//!
+//! - the first call for a key runs, and its result is stored for `ttl`;
+//! - a duplicate arriving while it runs waits for it (up to `wait_timeout`)
+//!   and receives the same result;
+//! - a later duplicate receives the stored result without running;
+//! - the same key with a different fingerprint (another request) is
+//!   [`Error::KeyMismatch`];
+//! - a result that means "did not act" (by default, an error the classifier
+//!   marks retryable) is not stored: the key is released, so a retry runs
+//!   again;
+//! - a holder that dies (a process killed mid-call) keeps the key only
+//!   until its lock expires (`lock_timeout`; a live holder renews it);
+//! - a store that cannot be reached (every store call has `store_timeout`)
+//!   fails closed by default ([`Error::StoreUnavailable`], nothing runs),
+//!   or fails open (the call runs unprotected); either is counted in
+//!   `keel_store_unavailable_total`.
+//!
+//! Records live in an [`IdempotencyStore`]: [`MemoryStore`] (one process),
+//! `EmbeddedStore` (on disk, survives restarts; feature `embedded`) or
+//! `RedisStore` (a fleet; feature `redis`).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use keel::idempotency::{Idempotency, MemoryStore};
+//! use std::time::Duration;
+//!
+//! let idem = Idempotency::builder("payments")
+//!     .store(MemoryStore::new())
+//!     .ttl(Duration::from_secs(24 * 3600))
+//!     .build()?;
+//! let charge = || async { Ok::<String, std::convert::Infallible>("charged 42".to_owned()) };
+//! let first = idem.call("order-17", b"POST /charge 42", charge).await?;
+//! let again = idem.call("order-17", b"POST /charge 42", charge).await?;
+//! assert_eq!((first.value.as_str(), first.replayed), ("charged 42", false));
+//! assert_eq!((again.value.as_str(), again.replayed), ("charged 42", true));
+//! # Ok(()) }
+//! ```
+
+mod store;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use serde::{Deserialize, Serialize};
+
+pub use store::{Begin, IdempotencyStore, MemoryStore, StoreError, StoreFuture, Token};
+
+use crate::classify::{Classify, DefaultClassifier};
+use crate::{ConfigError, Error};
+
+/// What a store failure does to the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Run the call without the store's protection.
+    FailOpen,
+    /// Refuse the call ([`Error::StoreUnavailable`]).
+    FailClosed,
+}
+
+impl FailMode {
+    /// `fail_open` or `fail_closed`, as in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailMode::FailOpen => "fail_open",
+            FailMode::FailClosed => "fail_closed",
+        }
+    }
+}
+
+/// A value that can be kept in a store: encoded to bytes and back.
+pub trait Stored: Sized {
+    /// Appends the encoding of `self` to `out`.
+    fn encode(&self, out: &mut Vec<u8>);
+    /// The value `bytes` encodes, or `None` if they are not an encoding.
+    fn decode(bytes: &[u8]) -> Option<Self>;
+}
+
+impl Stored for Vec<u8> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self);
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(bytes.to_vec())
+    }
+}
+
+impl Stored for String {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+}
+
+impl Stored for () {
+    fn encode(&self, _: &mut Vec<u8>) {}
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        bytes.is_empty().then_some(())
+    }
+}
+
+impl Stored for std::convert::Infallible {
+    fn encode(&self, _: &mut Vec<u8>) {
+        match *self {}
+    }
+    fn decode(_: &[u8]) -> Option<Self> {
+        None
+    }
+}
+
+/// `Ok` or `Err` as one tag byte, then the value.
+impl<T: Stored, E: Stored> Stored for Result<T, E> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Ok(t) => {
+                out.push(0);
+                t.encode(out);
+            }
+            Err(e) => {
+                out.push(1);
+                e.encode(out);
+            }
+        }
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        match bytes.split_first()? {
+            (0, rest) => T::decode(rest).map(Ok),
+            (1, rest) => E::decode(rest).map(Err),
+            _ => None,
+        }
+    }
+}
+
+/// A call's value, and whether it was replayed from the store (the
+/// operation did not run for this call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed<T> {
+    /// The operation's value, this call's or the first call's.
+    pub value: T,
+    /// True when the value is the stored result of an earlier call.
+    pub replayed: bool,
+}
+
+/// The idempotency executor. Cheap to clone; clones share the store.
+#[derive(Clone)]
+pub struct Idempotency {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    store: Arc<dyn IdempotencyStore>,
+    ttl: Duration,
+    lock_timeout: Duration,
+    store_timeout: Duration,
+    wait_timeout: Duration,
+    fail: FailMode,
+    counts: Counts,
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("name", &self.inner.name)
+            .field("store", &self.inner.store)
+            .field("ttl", &self.inner.ttl)
+            .field("lock_timeout", &self.inner.lock_timeout)
+            .field("fail", &self.inner.fail)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `keel_idempotency_total` by result and `keel_store_unavailable_total`.
+struct Counts {
+    executed: Counter,
+    released: Counter,
+    replayed: Counter,
+    mismatch: Counter,
+    wait_timeout: Counter,
+    store_unavailable: Counter,
+}
+
+impl Counts {
+    fn new(name: &str, fail: FailMode) -> Counts {
+        crate::describe_metrics();
+        let result = |r: &'static str| metrics::counter!(crate::telemetry::IDEMPOTENCY, "name" => name.to_owned(), "result" => r);
+        Counts {
+            executed: result("executed"),
+            released: result("released"),
+            replayed: result("replayed"),
+            mismatch: result("mismatch"),
+            wait_timeout: result("wait_timeout"),
+            store_unavailable: metrics::counter!(
+                crate::telemetry::STORE_UNAVAILABLE,
+                "policy" => "idempotency",
+                "name" => name.to_owned(),
+                "mode" => fail.as_str()
+            ),
+        }
+    }
+}
+
+/// Builds an [`Idempotency`]; see [`Idempotency::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct Builder {
+    name: Arc<str>,
+    store: Option<Arc<dyn IdempotencyStore>>,
+    ttl: Duration,
+    lock_timeout: Duration,
+    store_timeout: Duration,
+    wait_timeout: Option<Duration>,
+    fail: FailMode,
+}
+
+impl Builder {
+    /// Where records live (default: a new [`MemoryStore`]).
+    pub fn store(mut self, store: impl IdempotencyStore + 'static) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A store shared with other executors (or kept by the caller).
+    pub fn shared_store(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How long a result is kept (default 24 h).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a key stays held without its holder renewing it (default
+    /// 30 s). A live holder renews it every third of this; a dead one loses
+    /// the key this long after its last renewal.
+    pub fn lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.lock_timeout = lock_timeout;
+        self
+    }
+
+    /// Time allowed for each store call (default 1 s).
+    pub fn store_timeout(mut self, store_timeout: Duration) -> Self {
+        self.store_timeout = store_timeout;
+        self
+    }
+
+    /// How long a duplicate waits for the call in flight before it gives up
+    /// with [`Error::Timeout`] (default: `lock_timeout`).
+    pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
+        self.wait_timeout = Some(wait_timeout);
+        self
+    }
+
+    /// What a store failure does (default [`FailMode::FailClosed`]).
+    pub fn on_store_error(mut self, fail: FailMode) -> Self {
+        self.fail = fail;
+        self
+    }
+
+    /// The executor, or the first invalid setting.
+    pub fn build(self) -> Result<Idempotency, ConfigError> {
+        for (field, value) in [
+            ("ttl", self.ttl),
+            ("lock_timeout", self.lock_timeout),
+            ("store_timeout", self.store_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(field, "must be greater than zero"));
+            }
+        }
+        let counts = Counts::new(&self.name, self.fail);
+        Ok(Idempotency {
+            inner: Arc::new(Inner {
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                ttl: self.ttl,
+                lock_timeout: self.lock_timeout,
+                store_timeout: self.store_timeout,
+                wait_timeout: self.wait_timeout.unwrap_or(self.lock_timeout),
+                fail: self.fail,
+                counts,
+                name: self.name,
+            }),
+        })
+    }
+}
+
+/// The longest pause between two looks at a key held by another call.
+const MAX_POLL: Duration = Duration::from_millis(50);
+
+impl Idempotency {
+    /// A builder for an executor named `name` (in metrics and logs).
+    pub fn builder(name: impl Into<Arc<str>>) -> Builder {
+        Builder {
+            name: name.into(),
+            store: None,
+            ttl: Duration::from_secs(24 * 3600),
+            lock_timeout: Duration::from_secs(30),
+            store_timeout: Duration::from_secs(1),
+            wait_timeout: None,
+            fail: FailMode::FailClosed,
+        }
+    }
+
+    /// The executor's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The store it uses.
+    pub fn store(&self) -> &Arc<dyn IdempotencyStore> {
+        &self.inner.store
+    }
+
+    /// Runs `op` once per `key`: see the [module docs](self). Every error
+    /// releases the key (the [`DefaultClassifier`] calls every error
+    /// retryable); [`call_classified`](Self::call_classified) decides
+    /// otherwise.
+    pub async fn call<T, E, F, Fut>(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        op: F,
+    ) -> Result<Completed<T>, Error<E>>
+    where
+        T: Stored,
+        E: Stored,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call_classified(&DefaultClassifier, key, fingerprint, op)
+            .await
+    }
+
+    /// Like [`call`](Self::call); a result `classify` calls retryable
+    /// means "did not act" and releases the key, any other is stored.
+    pub async fn call_classified<T, E, C, F, Fut>(
+        &self,
+        classify: &C,
+        key: &str,
+        fingerprint: &[u8],
+        op: F,
+    ) -> Result<Completed<T>, Error<E>>
+    where
+        T: Stored,
+        E: Stored,
+        C: Classify<T, E> + ?Sized,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let inner = &*self.inner;
+        let waited_since = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let token = loop {
+            let begun = self
+                .store_call(inner.store.begin(key, fingerprint, inner.lock_timeout))
+                .await;
+            match begun {
+                Err(e) => return self.unavailable(e, op).await,
+                Ok(Begin::Acquired(token)) => break token,
+                Ok(Begin::Done {
+                    fingerprint: first,
+                    value,
+                }) => {
+                    if first != fingerprint {
+                        return Err(self.mismatch(key));
+                    }
+                    let Some(result) = Result::<T, E>::decode(&value) else {
+                        let why = format!("the record for key {key:?} does not decode");
+                        return self.unavailable(StoreError::Corrupt(why), op).await;
+                    };
+                    inner.counts.replayed.increment(1);
+                    tracing::debug!(target: "keel", policy = "idempotency", name = &*inner.name, key, "replayed the stored result");
+                    return result
+                        .map(|value| Completed {
+                            value,
+                            replayed: true,
+                        })
+                        .map_err(Error::Inner);
+                }
+                Ok(Begin::InFlight { fingerprint: first }) => {
+                    if first != fingerprint {
+                        return Err(self.mismatch(key));
+                    }
+                    let waited = waited_since.elapsed();
+                    if waited >= inner.wait_timeout {
+                        inner.counts.wait_timeout.increment(1);
+                        return Err(Error::Timeout { after: waited });
+                    }
+                    inner
+                        .store
+                        .changed(key, pause.min(inner.wait_timeout - waited))
+                        .await;
+                    pause = (pause * 2).min(MAX_POLL);
+                }
+            }
+        };
+        self.run(classify, key, token, op).await
+    }
+
+    /// Runs `op` holding `key`, renewing the lock meanwhile, then stores or
+    /// releases.
+    async fn run<T, E, C, F, Fut>(
+        &self,
+        classify: &C,
+        key: &str,
+        token: Token,
+        op: F,
+    ) -> Result<Completed<T>, Error<E>>
+    where
+        T: Stored,
+        E: Stored,
+        C: Classify<T, E> + ?Sized,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let inner = &*self.inner;
+        let mut hold = Hold::new(self, key, token);
+        let result = op().await;
+        if let Some(task) = hold.renewing.take() {
+            task.abort();
+        }
+        if classify.classify(&result).retryable {
+            hold.done = true;
+            if let Err(e) = self.store_call(inner.store.release(key, token)).await {
+                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not release the key; it frees itself when its lock expires");
+            }
+            inner.counts.released.increment(1);
+        } else {
+            let mut value = Vec::new();
+            result.encode(&mut value);
+            hold.done = true;
+            match self
+                .store_call(inner.store.complete(key, token, &value, inner.ttl))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, "the key's lock expired while the call ran; its result was not stored")
+                }
+                Err(e) => {
+                    tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not store the result; a duplicate will run again once the lock expires")
+                }
+            }
+            inner.counts.executed.increment(1);
+        }
+        result
+            .map(|value| Completed {
+                value,
+                replayed: false,
+            })
+            .map_err(Error::Inner)
+    }
+
+    fn mismatch<E>(&self, key: &str) -> Error<E> {
+        self.inner.counts.mismatch.increment(1);
+        tracing::debug!(target: "keel", policy = "idempotency", name = &*self.inner.name, key, "key reused with a different request");
+        Error::KeyMismatch
+    }
+
+    /// The store failed: run unprotected or refuse, by the fail mode.
+    async fn unavailable<T, E, F, Fut>(
+        &self,
+        error: StoreError,
+        op: F,
+    ) -> Result<Completed<T>, Error<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let inner = &*self.inner;
+        inner.counts.store_unavailable.increment(1);
+        tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, error = %error, mode = inner.fail.as_str(), "idempotency store unavailable");
+        match inner.fail {
+            FailMode::FailClosed => Err(Error::StoreUnavailable),
+            FailMode::FailOpen => op()
+                .await
+                .map(|value| Completed {
+                    value,
+                    replayed: false,
+                })
+                .map_err(Error::Inner),
+        }
+    }
+
+    async fn store_call<T>(&self, call: StoreFuture<'_, T>) -> Result<T, StoreError> {
+        tokio::time::timeout(self.inner.store_timeout, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
+    }
+}
+
+/// A held key: renews its lock while the call runs, and releases it if the
+/// call is dropped before it finished (a cancelled call did not complete;
+/// the next duplicate should run rather than wait out the lock).
+struct Hold {
+    store: Arc<dyn IdempotencyStore>,
+    key: String,
+    token: Token,
+    renewing: Option<tokio::task::JoinHandle<()>>,
+    done: bool,
+}
+
+impl Hold {
+    fn new(idem: &Idempotency, key: &str, token: Token) -> Hold {
+        let inner = &*idem.inner;
+        let renewing = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (store, key, every) = (inner.store.clone(), key.to_owned(), inner.lock_timeout);
+            let (name, timeout) = (inner.name.clone(), inner.store_timeout);
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval((every / 3).max(Duration::from_millis(1)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let renewed = tokio::time::timeout(timeout, store.extend(&key, token, every)).await;
+                    if !matches!(renewed, Ok(Ok(true))) {
+                        tracing::warn!(target: "keel", policy = "idempotency", name = &*name, key, "could not renew the key's lock");
+                    }
+                }
+            })
+        });
+        Hold {
+            store: inner.store.clone(),
+            key: key.to_owned(),
+            token,
+            renewing,
+            done: false,
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(task) = self.renewing.take() {
+            task.abort();
+        }
+        if self.done {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (store, key, token) = (
+                self.store.clone(),
+                std::mem::take(&mut self.key),
+                self.token,
+            );
+            runtime.spawn(async move {
+                let _ = store.release(&key, token).await;
+            });
+        }
+    }
+}

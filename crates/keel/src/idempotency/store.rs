@@ -1,0 +1,411 @@
+//! Where idempotency records live: the [`IdempotencyStore`] trait and the
+//! in-memory [`MemoryStore`].
+//!
+//! A record is either *in flight* (a holder, named by its [`Token`], is
+//! running the operation and holds the key until its lock expires) or
+//! *done* (the stored result, kept until its time to live runs out). Every
+//! call is one atomic step on one key, so several processes sharing a store
+//! agree on who runs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, ClockSource};
+use crate::sync::{lock, Mutex};
+
+/// A store call in flight.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Why a store call failed. The executor treats every kind the same way,
+/// by its fail mode; the kind is for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The store could not be reached, or answered with an error.
+    Unavailable(String),
+    /// The store did not answer within the executor's store timeout.
+    Timeout,
+    /// The store has no room for another key.
+    Full,
+    /// A record in the store could not be read (written by something else).
+    Corrupt(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Timeout => f.write_str("store did not answer in time"),
+            StoreError::Full => f.write_str("store full"),
+            StoreError::Corrupt(why) => write!(f, "unreadable record in the store: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Who holds a key: a random number drawn by the holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(pub u128);
+
+impl Token {
+    /// A fresh token, unguessable enough to tell holders apart.
+    pub fn random() -> Token {
+        use std::hash::{BuildHasher, Hasher};
+        let half = || {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            h.finish()
+        };
+        Token((u128::from(half()) << 64) | u128::from(half()))
+    }
+}
+
+/// What [`IdempotencyStore::begin`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// The key was free (or its holder's lock had expired): the caller now
+    /// holds it with this token and runs the operation.
+    Acquired(Token),
+    /// Another holder is running the operation for this key.
+    InFlight {
+        /// The fingerprint the holder registered.
+        fingerprint: Vec<u8>,
+    },
+    /// The operation ran; its result is stored.
+    Done {
+        /// The fingerprint of the request that ran.
+        fingerprint: Vec<u8>,
+        /// The stored result.
+        value: Vec<u8>,
+    },
+}
+
+/// Idempotency records, shared by every executor that uses the store.
+///
+/// Implementations make each call one atomic step on one key (a mutex, a
+/// database transaction, a Redis script). They keep time themselves: a
+/// store shared by processes cannot use any one process's clock.
+pub trait IdempotencyStore: Send + Sync + fmt::Debug {
+    /// Claims `key` for a holder whose lock lasts `lock_timeout`, unless a
+    /// live holder or a stored result has it.
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        fingerprint: &'a [u8],
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, Begin>;
+
+    /// Stores the result of the holder of `token`, kept for `ttl`. `false`
+    /// if `token` no longer holds the key (its lock expired and someone
+    /// else took it); nothing is stored then.
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Frees the key if `token` holds it, so the next request runs anew.
+    fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()>;
+
+    /// Renews the lock of the holder of `token` for `lock_timeout` from now.
+    /// `false` if `token` no longer holds the key.
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Resolves when `key` may have changed, or after `at_most`. A store
+    /// that cannot tell just waits `at_most` (the default); waiters then
+    /// look again.
+    fn changed<'a>(
+        &'a self,
+        key: &'a str,
+        at_most: Duration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        let _ = key;
+        Box::pin(tokio::time::sleep(at_most))
+    }
+}
+
+impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        fingerprint: &'a [u8],
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, Begin> {
+        (**self).begin(key, fingerprint, lock_timeout)
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        (**self).complete(key, token, value, ttl)
+    }
+
+    fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()> {
+        (**self).release(key, token)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, bool> {
+        (**self).extend(key, token, lock_timeout)
+    }
+
+    fn changed<'a>(
+        &'a self,
+        key: &'a str,
+        at_most: Duration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        (**self).changed(key, at_most)
+    }
+}
+
+/// One key's record in the memory store.
+#[derive(Debug, Clone)]
+enum Record {
+    InFlight {
+        token: Token,
+        fingerprint: Vec<u8>,
+        /// Clock nanoseconds when the lock expires.
+        until: u64,
+    },
+    Done {
+        fingerprint: Vec<u8>,
+        value: Vec<u8>,
+        until: u64,
+    },
+}
+
+impl Record {
+    fn until(&self) -> u64 {
+        match self {
+            Record::InFlight { until, .. } | Record::Done { until, .. } => *until,
+        }
+    }
+}
+
+/// Records in this process's memory: the default, and right for one
+/// instance. At most `capacity` keys (expired ones are swept when it is
+/// reached); a `begin` for a new key beyond that fails with
+/// [`StoreError::Full`] rather than forget a live record.
+pub struct MemoryStore {
+    clock: ClockSource,
+    capacity: usize,
+    records: Mutex<HashMap<String, Record>>,
+    /// Woken on every completion and release, for waiting duplicates.
+    changes: tokio::sync::Notify,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("capacity", &self.capacity)
+            .field("keys", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store for up to a million keys, on the monotonic clock.
+    pub fn new() -> MemoryStore {
+        MemoryStore::with_capacity(1_000_000)
+    }
+
+    /// A store for up to `capacity` keys.
+    pub fn with_capacity(capacity: usize) -> MemoryStore {
+        MemoryStore {
+            clock: ClockSource::new(None),
+            capacity: capacity.max(1),
+            records: Mutex::new(HashMap::new()),
+            changes: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Keeps time with `clock` (tests: a `ManualClock` or `TokioClock`).
+    pub fn clock(mut self, clock: impl Clock) -> MemoryStore {
+        self.clock = ClockSource::new(Some(Arc::new(clock)));
+        self
+    }
+
+    /// Keys held now, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        lock(&self.records).len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn deadline(&self, after: Duration) -> u64 {
+        self.clock
+            .now_nanos()
+            .saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn begin_now(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        lock_timeout: Duration,
+    ) -> Result<Begin, StoreError> {
+        let now = self.clock.now_nanos();
+        let mut records = lock(&self.records);
+        match records.get(key) {
+            Some(Record::Done {
+                fingerprint,
+                value,
+                until,
+            }) if *until > now => {
+                return Ok(Begin::Done {
+                    fingerprint: fingerprint.clone(),
+                    value: value.clone(),
+                })
+            }
+            Some(Record::InFlight {
+                fingerprint, until, ..
+            }) if *until > now => {
+                return Ok(Begin::InFlight {
+                    fingerprint: fingerprint.clone(),
+                })
+            }
+            Some(_) => {}
+            None if records.len() >= self.capacity => {
+                records.retain(|_, r| r.until() > now);
+                if records.len() >= self.capacity {
+                    return Err(StoreError::Full);
+                }
+            }
+            None => {}
+        }
+        let token = Token::random();
+        records.insert(
+            key.to_owned(),
+            Record::InFlight {
+                token,
+                fingerprint: fingerprint.to_vec(),
+                until: self.deadline(lock_timeout),
+            },
+        );
+        Ok(Begin::Acquired(token))
+    }
+
+    /// Runs `change` on the record if `token` holds the key; whether it did.
+    fn if_held(
+        &self,
+        key: &str,
+        token: Token,
+        change: impl FnOnce(&mut HashMap<String, Record>),
+    ) -> bool {
+        let now = self.clock.now_nanos();
+        let mut records = lock(&self.records);
+        let held = matches!(
+            records.get(key),
+            Some(Record::InFlight { token: t, until, .. }) if *t == token && *until > now
+        );
+        if held {
+            change(&mut records);
+        }
+        held
+    }
+}
+
+impl IdempotencyStore for MemoryStore {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        fingerprint: &'a [u8],
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, Begin> {
+        Box::pin(std::future::ready(self.begin_now(
+            key,
+            fingerprint,
+            lock_timeout,
+        )))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let until = self.deadline(ttl);
+        let stored = self.if_held(key, token, |records| {
+            if let Some(record) = records.get_mut(key) {
+                let fingerprint = match record {
+                    Record::InFlight { fingerprint, .. } => std::mem::take(fingerprint),
+                    Record::Done { fingerprint, .. } => std::mem::take(fingerprint),
+                };
+                *record = Record::Done {
+                    fingerprint,
+                    value: value.to_vec(),
+                    until,
+                };
+            }
+        });
+        self.changes.notify_waiters();
+        Box::pin(std::future::ready(Ok(stored)))
+    }
+
+    fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()> {
+        self.if_held(key, token, |records| {
+            records.remove(key);
+        });
+        self.changes.notify_waiters();
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let new_until = self.deadline(lock_timeout);
+        let held = self.if_held(key, token, |records| {
+            if let Some(Record::InFlight { until, .. }) = records.get_mut(key) {
+                *until = new_until;
+            }
+        });
+        Box::pin(std::future::ready(Ok(held)))
+    }
+
+    fn changed<'a>(
+        &'a self,
+        _key: &'a str,
+        at_most: Duration,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(at_most, self.changes.notified()).await;
+        })
+    }
+}
