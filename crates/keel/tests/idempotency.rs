@@ -533,3 +533,135 @@ proptest! {
         }
     }
 }
+
+#[cfg(feature = "embedded")]
+mod embedded {
+    use super::*;
+    use keel::idempotency::EmbeddedStore;
+
+    /// A database file of its own, removed at the end.
+    struct TempDb(std::path::PathBuf);
+
+    impl TempDb {
+        fn new(name: &str) -> TempDb {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            TempDb(
+                std::env::temp_dir()
+                    .join(format!("keel-{name}-{}-{nanos}.redb", std::process::id())),
+            )
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn executor(store: EmbeddedStore) -> Idempotency {
+        Idempotency::builder("payments")
+            .store(store)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twenty_concurrent_duplicates_run_once() {
+        let db = TempDb::new("concurrent");
+        let idem = executor(EmbeddedStore::open(&db.0).unwrap());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let (idem, runs) = (idem.clone(), runs.clone());
+                tokio::spawn(async move {
+                    let value = Ok(format!("made by call {i}"));
+                    idem.call(
+                        "order-7",
+                        b"fp",
+                        counted(&runs, Duration::from_millis(50), value),
+                    )
+                    .await
+                    .unwrap()
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+        assert!(
+            answers.iter().all(|a| a.value == answers[0].value),
+            "{answers:?}"
+        );
+        assert_eq!(answers.iter().filter(|a| a.replayed).count(), 19);
+    }
+
+    #[tokio::test]
+    async fn a_stored_result_is_replayed_after_a_restart() {
+        let db = TempDb::new("restart");
+        let runs = Arc::new(AtomicUsize::new(0));
+        {
+            let idem = executor(EmbeddedStore::open(&db.0).unwrap());
+            let first = idem
+                .call(
+                    "k",
+                    b"fp",
+                    counted(&runs, Duration::ZERO, Ok("first".into())),
+                )
+                .await
+                .unwrap();
+            assert!(!first.replayed);
+            // A failure releases its key: nothing of it survives.
+            idem.call(
+                "k2",
+                b"fp",
+                counted(&runs, Duration::ZERO, Err("down".into())),
+            )
+            .await
+            .unwrap_err();
+        }
+        // The database closed with the executor and its store: a restart.
+        let idem = executor(EmbeddedStore::open(&db.0).unwrap());
+        let again = idem
+            .call(
+                "k",
+                b"fp",
+                counted(&runs, Duration::ZERO, Ok("second".into())),
+            )
+            .await
+            .unwrap();
+        assert_eq!((again.value.as_str(), again.replayed), ("first", true));
+        let err = idem
+            .call(
+                "k",
+                b"other",
+                counted(&runs, Duration::ZERO, Ok("x".into())),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err, Error::KeyMismatch);
+        let k2 = idem
+            .call(
+                "k2",
+                b"fp",
+                counted(&runs, Duration::ZERO, Ok("ran".into())),
+            )
+            .await
+            .unwrap();
+        assert!(!k2.replayed);
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn an_unopenable_file_is_an_error_naming_it() {
+        let err = EmbeddedStore::open("/nonexistent-dir/keel.redb").unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent-dir/keel.redb"),
+            "{err}"
+        );
+    }
+}

@@ -23,7 +23,8 @@
 //!   `keel_store_unavailable_total`.
 //!
 //! Records live in an [`IdempotencyStore`]: [`MemoryStore`] (one process),
-//! `EmbeddedStore` (on disk, survives restarts; feature `embedded`) or
+//! `EmbeddedStore` (on disk in a redb file, survives restarts; feature
+//! `embedded`) or
 //! `RedisStore` (a fleet; feature `redis`).
 //!
 //! ```
@@ -44,6 +45,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "embedded")]
+mod embedded;
 mod store;
 
 use std::fmt;
@@ -54,6 +57,8 @@ use std::time::Duration;
 use metrics::Counter;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "embedded")]
+pub use embedded::EmbeddedStore;
 pub use store::{Begin, IdempotencyStore, MemoryStore, StoreError, StoreFuture, Token};
 
 use crate::classify::{Classify, DefaultClassifier};

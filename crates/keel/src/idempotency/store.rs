@@ -181,26 +181,85 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
     }
 }
 
-/// One key's record in the memory store.
-#[derive(Debug, Clone)]
-enum Record {
+/// One key's record, in any store that keeps records itself (memory,
+/// embedded): times are in the store's clock, in nanoseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Record {
     InFlight {
         token: Token,
         fingerprint: Vec<u8>,
-        /// Clock nanoseconds when the lock expires.
+        /// When the lock expires.
         until: u64,
     },
     Done {
         fingerprint: Vec<u8>,
         value: Vec<u8>,
+        /// When the result is forgotten.
         until: u64,
     },
 }
 
 impl Record {
-    fn until(&self) -> u64 {
+    pub(crate) fn until(&self) -> u64 {
         match self {
             Record::InFlight { until, .. } | Record::Done { until, .. } => *until,
+        }
+    }
+
+    /// The answer to `begin` at `now` given this record (or none), and the
+    /// record to write when the key is acquired.
+    pub(crate) fn begin(
+        existing: Option<&Record>,
+        now: u64,
+        fingerprint: &[u8],
+        lock_until: u64,
+    ) -> (Begin, Option<Record>) {
+        match existing {
+            Some(Record::Done {
+                fingerprint,
+                value,
+                until,
+            }) if *until > now => (
+                Begin::Done {
+                    fingerprint: fingerprint.clone(),
+                    value: value.clone(),
+                },
+                None,
+            ),
+            Some(Record::InFlight {
+                fingerprint, until, ..
+            }) if *until > now => (
+                Begin::InFlight {
+                    fingerprint: fingerprint.clone(),
+                },
+                None,
+            ),
+            _ => {
+                let token = Token::random();
+                let record = Record::InFlight {
+                    token,
+                    fingerprint: fingerprint.to_vec(),
+                    until: lock_until,
+                };
+                (Begin::Acquired(token), Some(record))
+            }
+        }
+    }
+
+    /// Whether `token` holds the key at `now`.
+    pub(crate) fn held_by(existing: Option<&Record>, token: Token, now: u64) -> bool {
+        matches!(existing, Some(Record::InFlight { token: t, until, .. }) if *t == token && *until > now)
+    }
+
+    /// The record once its holder stored `value` until `until`.
+    pub(crate) fn completed(self, value: &[u8], until: u64) -> Record {
+        let fingerprint = match self {
+            Record::InFlight { fingerprint, .. } | Record::Done { fingerprint, .. } => fingerprint,
+        };
+        Record::Done {
+            fingerprint,
+            value: value.to_vec(),
+            until,
         }
     }
 }
@@ -278,62 +337,43 @@ impl MemoryStore {
     ) -> Result<Begin, StoreError> {
         let now = self.clock.now_nanos();
         let mut records = lock(&self.records);
-        match records.get(key) {
-            Some(Record::Done {
-                fingerprint,
-                value,
-                until,
-            }) if *until > now => {
-                return Ok(Begin::Done {
-                    fingerprint: fingerprint.clone(),
-                    value: value.clone(),
-                })
+        if !records.contains_key(key) && records.len() >= self.capacity {
+            records.retain(|_, r| r.until() > now);
+            if records.len() >= self.capacity {
+                return Err(StoreError::Full);
             }
-            Some(Record::InFlight {
-                fingerprint, until, ..
-            }) if *until > now => {
-                return Ok(Begin::InFlight {
-                    fingerprint: fingerprint.clone(),
-                })
-            }
-            Some(_) => {}
-            None if records.len() >= self.capacity => {
-                records.retain(|_, r| r.until() > now);
-                if records.len() >= self.capacity {
-                    return Err(StoreError::Full);
-                }
-            }
-            None => {}
         }
-        let token = Token::random();
-        records.insert(
-            key.to_owned(),
-            Record::InFlight {
-                token,
-                fingerprint: fingerprint.to_vec(),
-                until: self.deadline(lock_timeout),
-            },
+        let (begin, record) = Record::begin(
+            records.get(key),
+            now,
+            fingerprint,
+            self.deadline(lock_timeout),
         );
-        Ok(Begin::Acquired(token))
+        if let Some(record) = record {
+            records.insert(key.to_owned(), record);
+        }
+        Ok(begin)
     }
 
     /// Runs `change` on the record if `token` holds the key; whether it did.
-    fn if_held(
-        &self,
-        key: &str,
-        token: Token,
-        change: impl FnOnce(&mut HashMap<String, Record>),
-    ) -> bool {
+    fn if_held(&self, key: &str, token: Token, change: impl FnOnce(&mut Record)) -> bool {
         let now = self.clock.now_nanos();
         let mut records = lock(&self.records);
-        let held = matches!(
-            records.get(key),
-            Some(Record::InFlight { token: t, until, .. }) if *t == token && *until > now
-        );
-        if held {
-            change(&mut records);
+        match records.get_mut(key) {
+            Some(record) if Record::held_by(Some(record), token, now) => {
+                change(record);
+                true
+            }
+            _ => false,
         }
-        held
+    }
+
+    fn remove_if_held(&self, key: &str, token: Token) {
+        let now = self.clock.now_nanos();
+        let mut records = lock(&self.records);
+        if Record::held_by(records.get(key), token, now) {
+            records.remove(key);
+        }
     }
 }
 
@@ -359,27 +399,23 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         let until = self.deadline(ttl);
-        let stored = self.if_held(key, token, |records| {
-            if let Some(record) = records.get_mut(key) {
-                let fingerprint = match record {
-                    Record::InFlight { fingerprint, .. } => std::mem::take(fingerprint),
-                    Record::Done { fingerprint, .. } => std::mem::take(fingerprint),
-                };
-                *record = Record::Done {
-                    fingerprint,
-                    value: value.to_vec(),
-                    until,
-                };
-            }
+        let stored = self.if_held(key, token, |record| {
+            let held = std::mem::replace(
+                record,
+                Record::Done {
+                    fingerprint: Vec::new(),
+                    value: Vec::new(),
+                    until: 0,
+                },
+            );
+            *record = held.completed(value, until);
         });
         self.changes.notify_waiters();
         Box::pin(std::future::ready(Ok(stored)))
     }
 
     fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()> {
-        self.if_held(key, token, |records| {
-            records.remove(key);
-        });
+        self.remove_if_held(key, token);
         self.changes.notify_waiters();
         Box::pin(std::future::ready(Ok(())))
     }
@@ -391,8 +427,8 @@ impl IdempotencyStore for MemoryStore {
         lock_timeout: Duration,
     ) -> StoreFuture<'a, bool> {
         let new_until = self.deadline(lock_timeout);
-        let held = self.if_held(key, token, |records| {
-            if let Some(Record::InFlight { until, .. }) = records.get_mut(key) {
+        let held = self.if_held(key, token, |record| {
+            if let Record::InFlight { until, .. } = record {
                 *until = new_until;
             }
         });

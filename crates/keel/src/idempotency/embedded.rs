@@ -1,0 +1,280 @@
+//! Idempotency records on disk, in a redb database: they survive a restart
+//! of the process. Feature `embedded`.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+use super::store::{Begin, IdempotencyStore, Record, StoreError, StoreFuture, Token};
+
+const RECORDS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("keel_idempotency");
+
+/// Records in a redb file. Each call is one write transaction, committed
+/// to disk before it answers, run on tokio's blocking threads. Times are
+/// the wall clock's (a restart has no other clock in common with the run
+/// before), so a record outlives the process that wrote it; expired
+/// records are dropped when their key is next used.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the database at `path`, creating it if missing.
+    pub fn open(path: impl AsRef<Path>) -> Result<EmbeddedStore, StoreError> {
+        let path = path.as_ref();
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        // The table exists from the start, so readers never miss it.
+        let tx = db.begin_write().map_err(unavailable)?;
+        tx.open_table(RECORDS).map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            notify: Arc::default(),
+        })
+    }
+
+    /// Runs `change` on the key's record in one write transaction: it gets
+    /// the record and now, returns what to write (`Some(None)` deletes)
+    /// and the answer.
+    fn transact<'a, T: Send + 'static>(
+        &'a self,
+        key: &str,
+        change: impl FnOnce(Option<Record>, u64) -> (Option<Option<Record>>, T) + Send + 'static,
+    ) -> StoreFuture<'a, T> {
+        let (db, key) = (self.db.clone(), key.to_owned());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let tx = db.begin_write().map_err(unavailable)?;
+                let answer = {
+                    let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
+                    let existing = match table.get(key.as_str()).map_err(unavailable)? {
+                        Some(bytes) => Some(decode(bytes.value()).ok_or_else(|| {
+                            StoreError::Corrupt(format!("record for key {key:?}"))
+                        })?),
+                        None => None,
+                    };
+                    let (write, answer) = change(existing, wall_nanos());
+                    match write {
+                        Some(Some(record)) => {
+                            table
+                                .insert(key.as_str(), encode(&record).as_slice())
+                                .map_err(unavailable)?;
+                        }
+                        Some(None) => {
+                            table.remove(key.as_str()).map_err(unavailable)?;
+                        }
+                        None => {}
+                    }
+                    answer
+                };
+                tx.commit().map_err(unavailable)?;
+                Ok(answer)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        })
+    }
+}
+
+fn unavailable(e: impl fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn wall_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn after(now: u64, d: Duration) -> u64 {
+    now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// `0 | until | token | fingerprint` or `1 | until | fp len | fingerprint | value`,
+/// integers little-endian.
+fn encode(record: &Record) -> Vec<u8> {
+    let mut out = Vec::new();
+    match record {
+        Record::InFlight {
+            token,
+            fingerprint,
+            until,
+        } => {
+            out.push(0);
+            out.extend_from_slice(&until.to_le_bytes());
+            out.extend_from_slice(&token.0.to_le_bytes());
+            out.extend_from_slice(fingerprint);
+        }
+        Record::Done {
+            fingerprint,
+            value,
+            until,
+        } => {
+            out.push(1);
+            out.extend_from_slice(&until.to_le_bytes());
+            let len = u32::try_from(fingerprint.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(fingerprint);
+            out.extend_from_slice(value);
+        }
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<Record> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (until, rest) = rest.split_at_checked(8)?;
+    let until = u64::from_le_bytes(until.try_into().ok()?);
+    match tag {
+        0 => {
+            let (token, fingerprint) = rest.split_at_checked(16)?;
+            Some(Record::InFlight {
+                token: Token(u128::from_le_bytes(token.try_into().ok()?)),
+                fingerprint: fingerprint.to_vec(),
+                until,
+            })
+        }
+        1 => {
+            let (len, rest) = rest.split_at_checked(4)?;
+            let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+            let (fingerprint, value) = rest.split_at_checked(len)?;
+            Some(Record::Done {
+                fingerprint: fingerprint.to_vec(),
+                value: value.to_vec(),
+                until,
+            })
+        }
+        _ => None,
+    }
+}
+
+impl IdempotencyStore for EmbeddedStore {
+    fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        fingerprint: &'a [u8],
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, Begin> {
+        let fingerprint = fingerprint.to_vec();
+        self.transact(key, move |existing, now| {
+            let (begin, record) = Record::begin(
+                existing.as_ref(),
+                now,
+                &fingerprint,
+                after(now, lock_timeout),
+            );
+            (record.map(Some), begin)
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let value = value.to_vec();
+        let notify = self.notify.clone();
+        let done = self.transact(key, move |existing, now| {
+            if !Record::held_by(existing.as_ref(), token, now) {
+                return (None, false);
+            }
+            let record = existing.map(|r| r.completed(&value, after(now, ttl)));
+            (Some(record), true)
+        });
+        Box::pin(async move {
+            let done = done.await;
+            notify.notify_waiters();
+            done
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()> {
+        let notify = self.notify.clone();
+        let done = self.transact(key, move |existing, now| {
+            let held = Record::held_by(existing.as_ref(), token, now);
+            (held.then_some(None), ())
+        });
+        Box::pin(async move {
+            let done = done.await;
+            notify.notify_waiters();
+            done
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a str,
+        token: Token,
+        lock_timeout: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.transact(key, move |existing, now| match existing {
+            Some(Record::InFlight {
+                token: t,
+                fingerprint,
+                until,
+            }) if t == token && until > now => {
+                let record = Record::InFlight {
+                    token,
+                    fingerprint,
+                    until: after(now, lock_timeout),
+                };
+                (Some(Some(record)), true)
+            }
+            _ => (None, false),
+        })
+    }
+
+    fn changed<'a>(
+        &'a self,
+        _key: &'a str,
+        at_most: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(at_most, self.notify.notified()).await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_encode_and_decode() {
+        for record in [
+            Record::InFlight {
+                token: Token(7 << 70 | 3),
+                fingerprint: b"POST /pay".to_vec(),
+                until: 42,
+            },
+            Record::Done {
+                fingerprint: b"fp".to_vec(),
+                value: b"the answer".to_vec(),
+                until: u64::MAX,
+            },
+            Record::Done {
+                fingerprint: Vec::new(),
+                value: Vec::new(),
+                until: 0,
+            },
+        ] {
+            assert_eq!(decode(&encode(&record)), Some(record));
+        }
+        assert_eq!(decode(b"\x01short"), None);
+        assert_eq!(decode(b""), None);
+    }
+}
