@@ -167,15 +167,37 @@ impl IdempotencyStore for EmbeddedStore {
         fingerprint: &'a [u8],
         lock_timeout: Duration,
     ) -> StoreFuture<'a, Begin> {
-        let fingerprint = fingerprint.to_vec();
-        self.transact(key, move |existing, now| {
-            let (begin, record) = Record::begin(
-                existing.as_ref(),
-                now,
-                &fingerprint,
-                after(now, lock_timeout),
-            );
+        // A duplicate finds a live record in a read transaction, without a
+        // write (and its sync to disk); only a claim writes.
+        let (db, owned_key, fp) = (self.db.clone(), key.to_owned(), fingerprint.to_vec());
+        let claim = self.transact(key, move |existing, now| {
+            let (begin, record) =
+                Record::begin(existing.as_ref(), now, &fp, after(now, lock_timeout));
             (record.map(Some), begin)
+        });
+        let fp = fingerprint;
+        Box::pin(async move {
+            let found =
+                tokio::task::spawn_blocking(move || -> Result<Option<Record>, StoreError> {
+                    let tx = db.begin_read().map_err(unavailable)?;
+                    let table = tx.open_table(RECORDS).map_err(unavailable)?;
+                    let record = table.get(owned_key.as_str()).map_err(unavailable)?;
+                    record
+                        .map(|bytes| {
+                            decode(bytes.value()).ok_or_else(|| {
+                                StoreError::Corrupt(format!("record for key {owned_key:?}"))
+                            })
+                        })
+                        .transpose()
+                })
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))??;
+            let now = wall_nanos();
+            if let Some(record) = found.filter(|r| r.until() > now) {
+                let (begin, _) = Record::begin(Some(&record), now, fp, 0);
+                return Ok(begin);
+            }
+            claim.await
         })
     }
 
