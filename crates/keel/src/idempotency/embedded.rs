@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, TableDefinition};
 
-use super::store::{Begin, IdempotencyStore, Record, StoreError, StoreFuture, Token};
+use super::store::{after, Begin, IdempotencyStore, Record, StoreError, StoreFuture, Token};
 
 const RECORDS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("keel_idempotency");
 
@@ -59,13 +59,7 @@ impl EmbeddedStore {
                 let tx = db.begin_write().map_err(unavailable)?;
                 let answer = {
                     let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
-                    let existing = match table.get(key.as_str()).map_err(unavailable)? {
-                        Some(bytes) => Some(decode(bytes.value()).ok_or_else(|| {
-                            StoreError::Corrupt(format!("record for key {key:?}"))
-                        })?),
-                        None => None,
-                    };
-                    let (write, answer) = change(existing, wall_nanos());
+                    let (write, answer) = change(read(&table, &key)?, wall_nanos());
                     match write {
                         Some(Some(record)) => {
                             table
@@ -98,8 +92,17 @@ fn wall_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-fn after(now: u64, d: Duration) -> u64 {
-    now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+/// The key's record in `table`, if any.
+fn read(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Record>, StoreError> {
+    match table.get(key).map_err(unavailable)? {
+        Some(bytes) => decode(bytes.value())
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt(format!("record for key {key:?}"))),
+        None => Ok(None),
+    }
 }
 
 /// `0 | until | token | fingerprint` or `1 | until | fp len | fingerprint | value`,
@@ -177,21 +180,12 @@ impl IdempotencyStore for EmbeddedStore {
         });
         let fp = fingerprint;
         Box::pin(async move {
-            let found =
-                tokio::task::spawn_blocking(move || -> Result<Option<Record>, StoreError> {
-                    let tx = db.begin_read().map_err(unavailable)?;
-                    let table = tx.open_table(RECORDS).map_err(unavailable)?;
-                    let record = table.get(owned_key.as_str()).map_err(unavailable)?;
-                    record
-                        .map(|bytes| {
-                            decode(bytes.value()).ok_or_else(|| {
-                                StoreError::Corrupt(format!("record for key {owned_key:?}"))
-                            })
-                        })
-                        .transpose()
-                })
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))??;
+            let found = tokio::task::spawn_blocking(move || {
+                let tx = db.begin_read().map_err(unavailable)?;
+                read(&tx.open_table(RECORDS).map_err(unavailable)?, &owned_key)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))??;
             let now = wall_nanos();
             if let Some(record) = found.filter(|r| r.until() > now) {
                 let (begin, _) = Record::begin(Some(&record), now, fp, 0);
@@ -243,20 +237,15 @@ impl IdempotencyStore for EmbeddedStore {
         token: Token,
         lock_timeout: Duration,
     ) -> StoreFuture<'a, bool> {
-        self.transact(key, move |existing, now| match existing {
-            Some(Record::InFlight {
-                token: t,
-                fingerprint,
-                until,
-            }) if t == token && until > now => {
-                let record = Record::InFlight {
-                    token,
-                    fingerprint,
-                    until: after(now, lock_timeout),
-                };
-                (Some(Some(record)), true)
+        self.transact(key, move |existing, now| {
+            if !Record::held_by(existing.as_ref(), token, now) {
+                return (None, false);
             }
-            _ => (None, false),
+            let record = existing.map(|mut r| {
+                r.renew(after(now, lock_timeout));
+                r
+            });
+            (Some(record), true)
         })
     }
 

@@ -52,6 +52,7 @@ mod store;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use metrics::Counter;
@@ -434,11 +435,26 @@ impl Idempotency {
         Fut: Future<Output = Result<T, E>>,
     {
         let inner = &*self.inner;
-        let mut hold = Hold::new(self, key, token);
-        let result = op().await;
-        if let Some(task) = hold.renewing.take() {
-            task.abort();
-        }
+        let mut hold = Hold {
+            store: &inner.store,
+            key,
+            token,
+            done: false,
+        };
+        let result = {
+            // The operation, with the lock renewed beside it (the renewal's
+            // timer is armed only if the operation does not finish at once).
+            let mut op = std::pin::pin!(op());
+            let mut renewing = std::pin::pin!(self.renew(key, token));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = op.as_mut().poll(cx) {
+                    return Poll::Ready(result);
+                }
+                let _never = renewing.as_mut().poll(cx);
+                Poll::Pending
+            })
+            .await
+        };
         if classify.classify(&result).retryable {
             hold.done = true;
             if let Err(e) = self.store_call(inner.store.release(key, token)).await {
@@ -469,6 +485,22 @@ impl Idempotency {
                 replayed: false,
             })
             .map_err(Error::Inner)
+    }
+
+    /// Renews `token`'s lock every third of `lock_timeout`, for as long as
+    /// it is polled.
+    async fn renew(&self, key: &str, token: Token) {
+        let inner = &*self.inner;
+        let every = (inner.lock_timeout / 3).max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let renewed = self
+                .store_call(inner.store.extend(key, token, inner.lock_timeout))
+                .await;
+            if !matches!(renewed, Ok(true)) {
+                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, "could not renew the key's lock");
+            }
+        }
     }
 
     fn mismatch<E>(&self, key: &str) -> Error<E> {
@@ -509,60 +541,23 @@ impl Idempotency {
     }
 }
 
-/// A held key: renews its lock while the call runs, and releases it if the
-/// call is dropped before it finished (a cancelled call did not complete;
-/// the next duplicate should run rather than wait out the lock).
-struct Hold {
-    store: Arc<dyn IdempotencyStore>,
-    key: String,
+/// A held key, released if the call is dropped before it finished (a
+/// cancelled call did not complete; the next duplicate should run rather
+/// than wait out the lock).
+struct Hold<'a> {
+    store: &'a Arc<dyn IdempotencyStore>,
+    key: &'a str,
     token: Token,
-    renewing: Option<tokio::task::JoinHandle<()>>,
     done: bool,
 }
 
-impl Hold {
-    fn new(idem: &Idempotency, key: &str, token: Token) -> Hold {
-        let inner = &*idem.inner;
-        let renewing = tokio::runtime::Handle::try_current().ok().map(|runtime| {
-            let (store, key, every) = (inner.store.clone(), key.to_owned(), inner.lock_timeout);
-            let (name, timeout) = (inner.name.clone(), inner.store_timeout);
-            runtime.spawn(async move {
-                let mut tick = tokio::time::interval((every / 3).max(Duration::from_millis(1)));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let renewed = tokio::time::timeout(timeout, store.extend(&key, token, every)).await;
-                    if !matches!(renewed, Ok(Ok(true))) {
-                        tracing::warn!(target: "keel", policy = "idempotency", name = &*name, key, "could not renew the key's lock");
-                    }
-                }
-            })
-        });
-        Hold {
-            store: inner.store.clone(),
-            key: key.to_owned(),
-            token,
-            renewing,
-            done: false,
-        }
-    }
-}
-
-impl Drop for Hold {
+impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        if let Some(task) = self.renewing.take() {
-            task.abort();
-        }
         if self.done {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (store, key, token) = (
-                self.store.clone(),
-                std::mem::take(&mut self.key),
-                self.token,
-            );
+            let (store, key, token) = (self.store.clone(), self.key.to_owned(), self.token);
             runtime.spawn(async move {
                 let _ = store.release(&key, token).await;
             });

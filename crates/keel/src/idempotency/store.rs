@@ -55,16 +55,19 @@ impl Token {
     /// A fresh token, unguessable enough to tell holders apart.
     pub fn random() -> Token {
         use std::hash::{BuildHasher, Hasher};
-        let half = || {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // Randomly keyed hashes of a process-wide counter: never the same
+        // twice in a process, unrelated across processes.
+        static DRAWN: AtomicU64 = AtomicU64::new(0);
+        let n = DRAWN.fetch_add(1, Ordering::Relaxed);
+        let state = std::collections::hash_map::RandomState::new();
+        let half = |lane: u64| {
+            let mut h = state.build_hasher();
+            h.write_u64(n);
+            h.write_u64(lane);
             h.finish()
         };
-        Token((u128::from(half()) << 64) | u128::from(half()))
+        Token((u128::from(half(0)) << 64) | u128::from(half(1)))
     }
 }
 
@@ -139,48 +142,6 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug {
     }
 }
 
-impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
-    fn begin<'a>(
-        &'a self,
-        key: &'a str,
-        fingerprint: &'a [u8],
-        lock_timeout: Duration,
-    ) -> StoreFuture<'a, Begin> {
-        (**self).begin(key, fingerprint, lock_timeout)
-    }
-
-    fn complete<'a>(
-        &'a self,
-        key: &'a str,
-        token: Token,
-        value: &'a [u8],
-        ttl: Duration,
-    ) -> StoreFuture<'a, bool> {
-        (**self).complete(key, token, value, ttl)
-    }
-
-    fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()> {
-        (**self).release(key, token)
-    }
-
-    fn extend<'a>(
-        &'a self,
-        key: &'a str,
-        token: Token,
-        lock_timeout: Duration,
-    ) -> StoreFuture<'a, bool> {
-        (**self).extend(key, token, lock_timeout)
-    }
-
-    fn changed<'a>(
-        &'a self,
-        key: &'a str,
-        at_most: Duration,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        (**self).changed(key, at_most)
-    }
-}
-
 /// One key's record, in any store that keeps records itself (memory,
 /// embedded): times are in the store's clock, in nanoseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +212,13 @@ impl Record {
         matches!(existing, Some(Record::InFlight { token: t, until, .. }) if *t == token && *until > now)
     }
 
+    /// Renews a holder's lock until `until` (a stored result keeps its time).
+    pub(crate) fn renew(&mut self, new_until: u64) {
+        if let Record::InFlight { until, .. } = self {
+            *until = new_until;
+        }
+    }
+
     /// The record once its holder stored `value` until `until`.
     pub(crate) fn completed(self, value: &[u8], until: u64) -> Record {
         let fingerprint = match self {
@@ -262,6 +230,11 @@ impl Record {
             until,
         }
     }
+}
+
+/// `now` plus `d` in nanoseconds, saturating.
+pub(crate) fn after(now: u64, d: Duration) -> u64 {
+    now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Records in this process's memory: the default, and right for one
@@ -323,10 +296,8 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn deadline(&self, after: Duration) -> u64 {
-        self.clock
-            .now_nanos()
-            .saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
+    fn deadline(&self, d: Duration) -> u64 {
+        after(self.clock.now_nanos(), d)
     }
 
     fn begin_now(
@@ -427,11 +398,7 @@ impl IdempotencyStore for MemoryStore {
         lock_timeout: Duration,
     ) -> StoreFuture<'a, bool> {
         let new_until = self.deadline(lock_timeout);
-        let held = self.if_held(key, token, |record| {
-            if let Record::InFlight { until, .. } = record {
-                *until = new_until;
-            }
-        });
+        let held = self.if_held(key, token, |record| record.renew(new_until));
         Box::pin(std::future::ready(Ok(held)))
     }
 
