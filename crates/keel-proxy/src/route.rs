@@ -572,11 +572,17 @@ impl Route {
             None => None,
         };
         let Some((retry, on)) = self.retry.as_ref().filter(|_| idempotent) else {
-            return self.attempt(&parts, Either::Right(body)).await;
+            return self
+                .attempt(Request::from_parts(parts, Either::Right(body)))
+                .await;
         };
         let body = match replayable(body).await {
             Replayable::Yes(bytes) => bytes,
-            Replayable::No(body) => return self.attempt(&parts, Either::Right(body)).await,
+            Replayable::No(body) => {
+                return self
+                    .attempt(Request::from_parts(parts, Either::Right(body)))
+                    .await
+            }
             Replayable::Unreadable => return Err(Failure::BadBody),
         };
         let classify = |result: &Result<Response<PooledBody>, Failure>| -> Verdict {
@@ -602,7 +608,7 @@ impl Route {
         };
         retry
             .call_classified(&classify, || {
-                self.attempt(&parts, Either::Left(Full::new(body.clone())))
+                self.attempt(replay(&parts, Full::new(body.clone())))
             })
             .await
             .map_err(lower)
@@ -611,8 +617,7 @@ impl Route {
     /// One attempt: the breaker, the per-try timeout, faults, the upstream.
     async fn attempt(
         &self,
-        parts: &Parts,
-        body: UpstreamBody,
+        request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failure> {
         let permit = match &self.breaker {
             Some(breaker) => Some(
@@ -623,8 +628,8 @@ impl Route {
             None => None,
         };
         let result = match &self.per_try {
-            Some(per_try) => per_try.call(|| self.send(parts, body)).await.map_err(lower),
-            None => self.send(parts, body).await,
+            Some(per_try) => per_try.call(|| self.send(request)).await.map_err(lower),
+            None => self.send(request).await,
         };
         if let Some(permit) = permit {
             let failed = match &result {
@@ -636,11 +641,7 @@ impl Route {
         result
     }
 
-    async fn send(
-        &self,
-        parts: &Parts,
-        body: UpstreamBody,
-    ) -> Result<Response<PooledBody>, Failure> {
+    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<PooledBody>, Failure> {
         if let Some(fault) = &self.fault {
             let injection = fault.chaos.decide();
             if let Some(delay) = injection.delay {
@@ -651,10 +652,6 @@ impl Route {
             }
         }
         let picked = self.upstream.pick().ok_or(Failure::Connect)?;
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = parts.uri.clone();
-        *request.headers_mut() = parts.headers.clone();
         let result = self.upstream.send(picked.endpoint, request).await;
         picked.done(match &result {
             Ok(response) => response.status().is_server_error(),
@@ -760,6 +757,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn prepare_request(parts: &mut Parts, peer: &Peer) {
+    // HTTP/1.1 to the upstream whatever the client spoke, and none of the
+    // server side's request extensions.
+    parts.version = http::Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
     strip_hop_by_hop(&mut parts.headers);
     let earlier = parts
         .headers
@@ -770,6 +771,17 @@ fn prepare_request(parts: &mut Parts, peer: &Peer) {
         Some(list) => parts.headers.insert(X_FORWARDED_FOR, list),
         None => parts.headers.insert(X_FORWARDED_FOR, peer.ip.clone()),
     };
+}
+
+/// The request again, for one more attempt with a buffered body (prepared
+/// parts carry no extensions to copy).
+fn replay(parts: &Parts, body: Full<Bytes>) -> Request<UpstreamBody> {
+    let mut request = Request::new(Either::Left(body));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request
 }
 
 /// `Retry-After` in seconds or as an HTTP date.
