@@ -85,6 +85,7 @@ pub mod pipeline;
 pub mod rate_limit;
 pub mod retry;
 pub mod shed;
+pub mod store;
 mod sync;
 mod telemetry;
 pub mod timeout;

@@ -56,34 +56,14 @@ use std::task::Poll;
 use std::time::Duration;
 
 use metrics::Counter;
-use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "embedded")]
 pub use embedded::EmbeddedStore;
+pub use crate::store::FailMode;
 pub use store::{Begin, IdempotencyStore, MemoryStore, StoreError, StoreFuture, Token};
 
 use crate::classify::{Classify, DefaultClassifier};
 use crate::{ConfigError, Error};
-
-/// What a store failure does to the call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailMode {
-    /// Run the call without the store's protection.
-    FailOpen,
-    /// Refuse the call ([`Error::StoreUnavailable`]).
-    FailClosed,
-}
-
-impl FailMode {
-    /// `fail_open` or `fail_closed`, as in metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailMode::FailOpen => "fail_open",
-            FailMode::FailClosed => "fail_closed",
-        }
-    }
-}
 
 /// A value that can be kept in a store: encoded to bytes and back.
 pub trait Stored: Sized {

@@ -15,37 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, ClockSource};
+pub use crate::store::{StoreError, StoreFuture};
 use crate::sync::{lock, Mutex};
-
-/// A store call in flight.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
-
-/// Why a store call failed. The executor treats every kind the same way,
-/// by its fail mode; the kind is for logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreError {
-    /// The store could not be reached, or answered with an error.
-    Unavailable(String),
-    /// The store did not answer within the executor's store timeout.
-    Timeout,
-    /// The store has no room for another key.
-    Full,
-    /// A record in the store could not be read (written by something else).
-    Corrupt(String),
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
-            StoreError::Timeout => f.write_str("store did not answer in time"),
-            StoreError::Full => f.write_str("store full"),
-            StoreError::Corrupt(why) => write!(f, "unreadable record in the store: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
 
 /// Who holds a key: a random number drawn by the holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
