@@ -57,9 +57,9 @@ use std::time::Duration;
 
 use metrics::Counter;
 
+pub use crate::store::FailMode;
 #[cfg(feature = "embedded")]
 pub use embedded::EmbeddedStore;
-pub use crate::store::FailMode;
 pub use store::{Begin, IdempotencyStore, MemoryStore, StoreError, StoreFuture, Token};
 
 use crate::classify::{Classify, DefaultClassifier};

@@ -36,11 +36,13 @@
 mod keyed;
 #[cfg(feature = "tower")]
 mod layer;
+mod shared;
 mod window;
 
 pub use keyed::{InMemoryStore, KeyedRateLimiter, StateStore};
 #[cfg(feature = "tower")]
 pub use layer::{RateLimitLayer, RateLimitService, ResponseFuture};
+pub use shared::{Gcra, GcraStore, Refused, SharedRateLimiter};
 pub use window::Algorithm;
 
 use std::fmt;
@@ -52,6 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{duration_nanos, Clock, ClockSource, SharedClock};
 use crate::events::{Policy, PolicyEvents, Reason};
+use crate::store::FailMode;
 use crate::telemetry::Refusals;
 use crate::{ConfigError, Error};
 use window::Windowed;
@@ -155,6 +158,14 @@ impl Rate {
         }
     }
 
+    /// The rate now, for a store that decides itself.
+    fn gcra(&self) -> Gcra {
+        Gcra {
+            interval_nanos: self.interval.load(Ordering::Relaxed),
+            capacity_nanos: self.capacity.load(Ordering::Relaxed),
+        }
+    }
+
     fn set(&self, interval: u64, burst: u32) {
         self.interval.store(interval, Ordering::Relaxed);
         self.capacity
@@ -236,6 +247,8 @@ pub struct Builder {
     algorithm: Algorithm,
     window: Duration,
     clock: Option<SharedClock>,
+    store_timeout: Duration,
+    fail: FailMode,
 }
 
 impl Builder {
@@ -267,6 +280,21 @@ impl Builder {
     /// The clock (default [`MonotonicClock`](crate::clock::MonotonicClock)).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// How long a shared limiter waits for its store (default 100 ms); a
+    /// store that has not answered by then has failed.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// What a shared limiter does when its store fails (default
+    /// [`FailMode::FailOpen`]: the request is admitted, and counted in
+    /// `keel_store_unavailable_total`).
+    pub fn on_store_error(mut self, fail: FailMode) -> Self {
+        self.fail = fail;
         self
     }
 
@@ -341,6 +369,27 @@ impl Builder {
         Ok(KeyedRateLimiter::new(name, rate, clock, store))
     }
 
+    /// A limiter per key whose state is in `store`, shared by every
+    /// instance whose limiter has the same name and store: GCRA only.
+    pub fn build_shared(self, store: Arc<dyn GcraStore>) -> Result<SharedRateLimiter, ConfigError> {
+        self.check_keyed()?;
+        if self.store_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "store_timeout",
+                "must be longer than zero",
+            ));
+        }
+        let (store_timeout, fail) = (self.store_timeout, self.fail);
+        let (name, rate, _) = self.parts()?;
+        Ok(SharedRateLimiter::new(
+            name,
+            rate,
+            store,
+            store_timeout,
+            fail,
+        ))
+    }
+
     fn check_keyed(&self) -> Result<(), ConfigError> {
         if self.algorithm != Algorithm::Gcra {
             return Err(ConfigError::new(
@@ -399,6 +448,8 @@ impl RateLimiter {
             algorithm: Algorithm::Gcra,
             window: Duration::from_secs(1),
             clock: None,
+            store_timeout: Duration::from_millis(100),
+            fail: FailMode::FailOpen,
         }
     }
 

@@ -2,15 +2,21 @@
 //! are futures that can fail ([`StoreError`]), and each use of a store says
 //! what a failure does ([`FailMode`]).
 //!
-//! The stores themselves live with their users, such as
+//! The stores themselves live with their users:
 //! [`IdempotencyStore`](crate::idempotency::IdempotencyStore) for
-//! idempotency records.
+//! idempotency records and [`GcraStore`](crate::rate_limit::GcraStore) for
+//! shared rate limits. `RedisStore` (feature `redis`) is both.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
 
 /// A store call in flight.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -64,4 +70,3 @@ impl FailMode {
         }
     }
 }
-
