@@ -348,16 +348,78 @@ impl Idempotency {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        let ran = |result: Result<T, E>| {
+            result
+                .map(|value| Completed {
+                    value,
+                    replayed: false,
+                })
+                .map_err(Error::Inner)
+        };
+        let claim = match self.begin(key, fingerprint).await {
+            Ok(Begun::Run(claim)) => claim,
+            Ok(Begun::Replay(stored)) => {
+                return match Result::<T, E>::decode(&stored) {
+                    Some(result) => result
+                        .map(|value| Completed {
+                            value,
+                            replayed: true,
+                        })
+                        .map_err(Error::Inner),
+                    None => {
+                        let why = format!("the record for key {key:?} does not decode");
+                        match self.unavailable(StoreError::Corrupt(why)) {
+                            Ok(Begun::Unprotected) => ran(op().await),
+                            _ => Err(Error::StoreUnavailable),
+                        }
+                    }
+                };
+            }
+            Ok(Begun::Unprotected) => return ran(op().await),
+            Err(e) => return Err(e.map_inner(|never| match never {})),
+        };
+        let result = claim.run(op()).await;
+        if classify.classify(&result).retryable {
+            claim.release().await;
+        } else {
+            let mut value = Vec::new();
+            result.encode(&mut value);
+            claim.complete(&value).await;
+        }
+        ran(result)
+    }
+
+    /// The first half of a call, for callers whose results are not one
+    /// value (a proxy streaming a response it may or may not store): looks
+    /// `key` up, waiting for a call in flight, and answers with the stored
+    /// result, or the key's [`Claim`] to run under, or (a failed store that
+    /// fails open) leave to run unprotected.
+    ///
+    /// Errors: [`Error::KeyMismatch`], [`Error::Timeout`] (waited
+    /// `wait_timeout` for a call in flight), [`Error::StoreUnavailable`]
+    /// (a failed store that fails closed).
+    pub async fn begin<'a>(
+        &'a self,
+        key: &'a str,
+        fingerprint: &[u8],
+    ) -> Result<Begun<'a>, Error<std::convert::Infallible>> {
         let inner = &*self.inner;
         let waited_since = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(1);
-        let token = loop {
+        loop {
             let begun = self
                 .store_call(inner.store.begin(key, fingerprint, inner.lock_timeout))
                 .await;
             match begun {
-                Err(e) => return self.unavailable(e, op).await,
-                Ok(Begin::Acquired(token)) => break token,
+                Err(e) => return self.unavailable(e),
+                Ok(Begin::Acquired(token)) => {
+                    return Ok(Begun::Run(Claim {
+                        executor: self,
+                        key,
+                        token,
+                        done: false,
+                    }))
+                }
                 Ok(Begin::Done {
                     fingerprint: first,
                     value,
@@ -365,18 +427,9 @@ impl Idempotency {
                     if first != fingerprint {
                         return Err(self.mismatch(key));
                     }
-                    let Some(result) = Result::<T, E>::decode(&value) else {
-                        let why = format!("the record for key {key:?} does not decode");
-                        return self.unavailable(StoreError::Corrupt(why), op).await;
-                    };
                     inner.counts.replayed.increment(1);
                     tracing::debug!(target: "keel", policy = "idempotency", name = &*inner.name, key, "replayed the stored result");
-                    return result
-                        .map(|value| Completed {
-                            value,
-                            replayed: true,
-                        })
-                        .map_err(Error::Inner);
+                    return Ok(Begun::Replay(value));
                 }
                 Ok(Begin::InFlight { fingerprint: first }) => {
                     if first != fingerprint {
@@ -394,77 +447,7 @@ impl Idempotency {
                     pause = (pause * 2).min(MAX_POLL);
                 }
             }
-        };
-        self.run(classify, key, token, op).await
-    }
-
-    /// Runs `op` holding `key`, renewing the lock meanwhile, then stores or
-    /// releases.
-    async fn run<T, E, C, F, Fut>(
-        &self,
-        classify: &C,
-        key: &str,
-        token: Token,
-        op: F,
-    ) -> Result<Completed<T>, Error<E>>
-    where
-        T: Stored,
-        E: Stored,
-        C: Classify<T, E> + ?Sized,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let inner = &*self.inner;
-        let mut hold = Hold {
-            store: &inner.store,
-            key,
-            token,
-            done: false,
-        };
-        let result = {
-            // The operation, with the lock renewed beside it (the renewal's
-            // timer is armed only if the operation does not finish at once).
-            let mut op = std::pin::pin!(op());
-            let mut renewing = std::pin::pin!(self.renew(key, token));
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = op.as_mut().poll(cx) {
-                    return Poll::Ready(result);
-                }
-                let _never = renewing.as_mut().poll(cx);
-                Poll::Pending
-            })
-            .await
-        };
-        if classify.classify(&result).retryable {
-            hold.done = true;
-            if let Err(e) = self.store_call(inner.store.release(key, token)).await {
-                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not release the key; it frees itself when its lock expires");
-            }
-            inner.counts.released.increment(1);
-        } else {
-            let mut value = Vec::new();
-            result.encode(&mut value);
-            hold.done = true;
-            match self
-                .store_call(inner.store.complete(key, token, &value, inner.ttl))
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, "the key's lock expired while the call ran; its result was not stored")
-                }
-                Err(e) => {
-                    tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not store the result; a duplicate will run again once the lock expires")
-                }
-            }
-            inner.counts.executed.increment(1);
         }
-        result
-            .map(|value| Completed {
-                value,
-                replayed: false,
-            })
-            .map_err(Error::Inner)
     }
 
     /// Renews `token`'s lock every third of `lock_timeout`, for as long as
@@ -490,27 +473,16 @@ impl Idempotency {
     }
 
     /// The store failed: run unprotected or refuse, by the fail mode.
-    async fn unavailable<T, E, F, Fut>(
+    fn unavailable<'a>(
         &self,
         error: StoreError,
-        op: F,
-    ) -> Result<Completed<T>, Error<E>>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
+    ) -> Result<Begun<'a>, Error<std::convert::Infallible>> {
         let inner = &*self.inner;
         inner.counts.store_unavailable.increment(1);
         tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, error = %error, mode = inner.fail.as_str(), "idempotency store unavailable");
         match inner.fail {
             FailMode::FailClosed => Err(Error::StoreUnavailable),
-            FailMode::FailOpen => op()
-                .await
-                .map(|value| Completed {
-                    value,
-                    replayed: false,
-                })
-                .map_err(Error::Inner),
+            FailMode::FailOpen => Ok(Begun::Unprotected),
         }
     }
 
@@ -521,23 +493,104 @@ impl Idempotency {
     }
 }
 
-/// A held key, released if the call is dropped before it finished (a
-/// cancelled call did not complete; the next duplicate should run rather
-/// than wait out the lock).
-struct Hold<'a> {
-    store: &'a Arc<dyn IdempotencyStore>,
+/// What [`Idempotency::begin`] found.
+#[derive(Debug)]
+pub enum Begun<'a> {
+    /// This call holds the key: run under [`Claim::run`], then
+    /// [`complete`](Claim::complete) or [`release`](Claim::release).
+    Run(Claim<'a>),
+    /// An earlier call with the same fingerprint stored this result.
+    Replay(Vec<u8>),
+    /// The store failed and the executor fails open: run without it.
+    Unprotected,
+}
+
+/// A held key. Dropped without [`complete`](Self::complete) or
+/// [`release`](Self::release) (a cancelled call), it releases the key in
+/// the background: the call did not complete, so the next duplicate should
+/// run rather than wait out the lock.
+pub struct Claim<'a> {
+    executor: &'a Idempotency,
     key: &'a str,
     token: Token,
     done: bool,
 }
 
-impl Drop for Hold<'_> {
+impl fmt::Debug for Claim<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claim")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Claim<'_> {
+    /// Runs `work` holding the key, renewing the lock every third of
+    /// `lock_timeout` while it runs (the renewal's timer is armed only if
+    /// the work does not finish at once; no task is spawned).
+    pub async fn run<F: Future>(&self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        let mut renewing = std::pin::pin!(self.executor.renew(self.key, self.token));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(output);
+            }
+            let _never = renewing.as_mut().poll(cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Stores `value` as the key's result, kept for `ttl`: duplicates from
+    /// now on are answered with it.
+    pub async fn complete(mut self, value: &[u8]) {
+        self.done = true;
+        let executor = self.executor;
+        let inner = &*executor.inner;
+        let key = self.key;
+        match executor
+            .store_call(inner.store.complete(key, self.token, value, inner.ttl))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, "the key's lock expired while the call ran; its result was not stored")
+            }
+            Err(e) => {
+                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not store the result; a duplicate will run again once the lock expires")
+            }
+        }
+        inner.counts.executed.increment(1);
+    }
+
+    /// Frees the key without a result ("did not act"): the next duplicate
+    /// runs.
+    pub async fn release(mut self) {
+        self.done = true;
+        let executor = self.executor;
+        let inner = &*executor.inner;
+        let key = self.key;
+        if let Err(e) = executor
+            .store_call(inner.store.release(key, self.token))
+            .await
+        {
+            tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not release the key; it frees itself when its lock expires");
+        }
+        inner.counts.released.increment(1);
+    }
+}
+
+impl Drop for Claim<'_> {
     fn drop(&mut self) {
         if self.done {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (store, key, token) = (self.store.clone(), self.key.to_owned(), self.token);
+            let (store, key, token) = (
+                self.executor.inner.store.clone(),
+                self.key.to_owned(),
+                self.token,
+            );
             runtime.spawn(async move {
                 let _ = store.release(&key, token).await;
             });
