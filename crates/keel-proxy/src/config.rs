@@ -18,6 +18,7 @@ use keel::circuit_breaker::CircuitBreakerConfig;
 use keel::config::format_duration;
 use keel::retry::{BackoffConfig, BudgetConfig, RetryConfig};
 use keel::shed::Priority;
+use keel::store::FailMode;
 use serde::{Deserialize, Deserializer};
 
 /// One configuration error: the field's path and what is wrong.
@@ -71,6 +72,68 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Load shedding across all routes; off when absent.
     pub load_shed: Option<LoadShed>,
+    /// Where idempotency records and shared rate limits live (default: in
+    /// memory).
+    #[serde(default)]
+    pub store: Store,
+}
+
+/// `[store]`: one store for the whole proxy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Store {
+    /// `memory` (default), `embedded` (a redb file that survives
+    /// restarts) or `redis` (shared by every instance on the same Redis).
+    pub kind: StoreKind,
+    /// The file, for `kind = "embedded"` (default `keel-state.redb`,
+    /// relative to the working directory).
+    pub path: Option<String>,
+    /// The server, for `kind = "redis"` (default
+    /// `redis://127.0.0.1:6379/`).
+    pub url: Option<String>,
+    /// What every key written to Redis starts with (default `keel:`).
+    pub key_prefix: String,
+    /// How long any store call may take before it counts as failed
+    /// (default 250ms).
+    #[serde(with = "keel::config::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            kind: StoreKind::Memory,
+            path: None,
+            url: None,
+            key_prefix: "keel:".into(),
+            timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Store {
+    /// The embedded store's file.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("keel-state.redb")
+    }
+
+    /// The Redis store's URL.
+    pub fn url(&self) -> &str {
+        self.url.as_deref().unwrap_or("redis://127.0.0.1:6379/")
+    }
+}
+
+/// The store's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// This process only.
+    #[default]
+    Memory,
+    /// On disk, this host; survives restarts.
+    Embedded,
+    /// Redis, shared by a fleet.
+    Redis,
 }
 
 /// `[server]`.
@@ -204,6 +267,92 @@ pub struct Route {
     /// Injected faults; off when absent.
     #[serde(default)]
     pub fault: Option<RouteFault>,
+    /// Idempotency keys; off when absent.
+    #[serde(default)]
+    pub idempotency: Option<RouteIdempotency>,
+}
+
+/// `[routes.idempotency]`: a request carrying the header is executed once
+/// per key; duplicates get the stored response.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteIdempotency {
+    /// The request header holding the key (default `Idempotency-Key`).
+    pub header: String,
+    /// How long a stored response is replayed (default 24h).
+    #[serde(with = "keel::config::duration")]
+    pub ttl: Duration,
+    /// How long a key stays held by an instance that stopped renewing it
+    /// (one that died mid-request) (default 30s).
+    #[serde(with = "keel::config::duration")]
+    pub lock_timeout: Duration,
+    /// Larger responses are passed through, not stored (default 1MiB).
+    pub max_body: ByteSize,
+    /// What a failed store does: `fail_closed` (default: 503, the request
+    /// does not run) or `fail_open` (it runs unprotected).
+    pub on_store_error: FailMode,
+}
+
+impl Default for RouteIdempotency {
+    fn default() -> Self {
+        RouteIdempotency {
+            header: "idempotency-key".into(),
+            ttl: Duration::from_secs(24 * 3600),
+            lock_timeout: Duration::from_secs(30),
+            max_body: ByteSize(1 << 20),
+            on_store_error: FailMode::FailClosed,
+        }
+    }
+}
+
+/// A size in bytes: a number, or a string like `"512KiB"`, `"1MiB"`,
+/// `"10MB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            _ => {
+                return Err(format!(
+                    "\"{text}\" is not a size like \"1MiB\" (units: B, KB, KiB, MB, MiB, GB, GiB)"
+                ))
+            }
+        };
+        number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(scale))
+            .map(ByteSize)
+            .ok_or_else(|| format!("\"{text}\" is not a size like \"1MiB\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `[routes.retry]`.
@@ -330,6 +479,14 @@ pub struct RouteRateLimit {
     /// `global` (default), `ip`, or `header:<name>`.
     #[serde(default)]
     pub key: RateKey,
+    /// Counted across every instance on the same `[store]`, which must be
+    /// `kind = "redis"` (default false: counted in this process).
+    #[serde(default)]
+    pub shared: bool,
+    /// What a failed store does to a shared limit: `fail_open` (default:
+    /// the request is admitted) or `fail_closed` (503).
+    #[serde(default = "fail_open")]
+    pub on_store_error: FailMode,
 }
 
 /// What a route's rate limit is counted by.
@@ -447,6 +604,9 @@ fn one() -> u32 {
 }
 fn high() -> Priority {
     Priority::High
+}
+fn fail_open() -> FailMode {
+    FailMode::FailOpen
 }
 fn service_unavailable() -> u16 {
     503
@@ -658,6 +818,23 @@ impl Config {
                 if rl.burst == 0 {
                     err(format!("{at}.burst"), "must be at least 1".into());
                 }
+                if rl.shared && self.store.kind != StoreKind::Redis {
+                    err(
+                        format!("{at}.shared"),
+                        "needs [store] kind = \"redis\": the memory and embedded stores belong to one process".into(),
+                    );
+                }
+            }
+            if let Some(idem) = &route.idempotency {
+                let at = format!("{at}.idempotency");
+                if !is_token(&idem.header) {
+                    err(
+                        format!("{at}.header"),
+                        format!("\"{}\" is not a header name", idem.header),
+                    );
+                }
+                positive(&mut err, format!("{at}.ttl"), idem.ttl);
+                positive(&mut err, format!("{at}.lock_timeout"), idem.lock_timeout);
             }
             if let Some(fb) = &route.fallback {
                 let at = format!("{at}.fallback");
@@ -695,6 +872,22 @@ impl Config {
                 }
             }
         }
+        let store = &self.store;
+        if store.path.is_some() && store.kind != StoreKind::Embedded {
+            err("store.path".into(), "is for kind = \"embedded\"".into());
+        }
+        if store.url.is_some() && store.kind != StoreKind::Redis {
+            err("store.url".into(), "is for kind = \"redis\"".into());
+        }
+        if store.kind == StoreKind::Redis {
+            if let Err(e) = keel::store::RedisStore::open(store.url()) {
+                err("store.url".into(), e.reason().into());
+            }
+        }
+        if store.kind == StoreKind::Embedded && store.path().is_empty() {
+            err("store.path".into(), "must not be empty".into());
+        }
+        positive(&mut err, "store.timeout".into(), store.timeout);
         if let Some(shed) = &self.load_shed {
             if shed.max_in_flight == 0 {
                 err(

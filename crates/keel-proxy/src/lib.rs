@@ -12,10 +12,12 @@
 
 mod admin;
 pub mod config;
+mod idempotency;
 mod metrics;
 mod proxy;
 mod route;
 mod server;
+mod store;
 mod upstream;
 
 pub use config::{Config, ConfigErrors, FieldError};

@@ -17,6 +17,7 @@ use keel::shed::LoadShedder;
 use crate::config::{Config, ConfigErrors, FieldError};
 use crate::metrics::{Metrics, RouteMetrics, UNMATCHED};
 use crate::route::{Failure, Peer, ResponseBody, Route};
+use crate::store::Stores;
 use crate::upstream::Upstream;
 
 /// Everything one configuration serves with.
@@ -27,6 +28,7 @@ pub(crate) struct Table {
     pub(crate) routes: Vec<Arc<Route>>,
     pub(crate) upstreams: BTreeMap<String, Arc<Upstream>>,
     pub(crate) shed: Option<LoadShedder>,
+    pub(crate) stores: Arc<Stores>,
 }
 
 impl Table {
@@ -52,6 +54,8 @@ impl Table {
                 )
             })
             .collect();
+        let stores = Stores::open(&config.store, old.map(|t| &t.stores))
+            .map_err(|e| ConfigErrors(vec![e]))?;
         let mut errors = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, cfg) in config.routes.iter().enumerate() {
@@ -63,13 +67,15 @@ impl Table {
                 continue;
             };
             let kept = old.and_then(|t| {
-                t.routes
-                    .iter()
-                    .find(|r| r.config == *cfg && Arc::ptr_eq(&r.upstream, upstream))
+                t.routes.iter().find(|r| {
+                    r.config == *cfg
+                        && Arc::ptr_eq(&r.upstream, upstream)
+                        && r.stores.as_ref().is_none_or(|s| Arc::ptr_eq(s, &stores))
+                })
             });
             match kept {
                 Some(route) => routes.push(route.clone()),
-                None => match Route::new(cfg, upstream.clone()) {
+                None => match Route::new(cfg, upstream.clone(), &stores) {
                     Ok(route) => routes.push(Arc::new(route)),
                     Err(e) => errors.push(FieldError {
                         path: format!("routes[{i}].{}", e.field()),
@@ -102,6 +108,7 @@ impl Table {
             routes,
             upstreams,
             shed,
+            stores,
         })
     }
 

@@ -21,13 +21,16 @@ use keel::bulkhead::Bulkhead;
 use keel::chaos::Chaos;
 use keel::circuit_breaker::CircuitBreaker;
 use keel::classify::{Outcome, Verdict};
-use keel::rate_limit::{KeyedRateLimiter, RateLimited, RateLimiter};
+use keel::idempotency::{Begun, Idempotency};
+use keel::rate_limit::{KeyedRateLimiter, RateLimiter, Refused, SharedRateLimiter};
 use keel::retry::Retry;
 use keel::shed::{LoadShedder, Priority};
 use keel::timeout::Timeout;
 
 use crate::config::{self, Condition, RateKey};
+use crate::idempotency;
 use crate::metrics::RouteMetrics;
+use crate::store::Stores;
 use crate::upstream::{PooledBody, SendError, Upstream, UpstreamBody};
 
 /// A response on its way to the client: the upstream's, streamed, or one
@@ -88,6 +91,15 @@ pub(crate) enum Failure {
     Shed,
     /// The request's body could not be read.
     BadBody,
+    /// A body too large for what the route must do with it (hash it for
+    /// an idempotency key).
+    TooLarge,
+    /// An idempotency key that is not visible ASCII.
+    BadKey,
+    /// An idempotency key reused for another request.
+    KeyMismatch,
+    /// The store failed and the policy fails closed.
+    StoreUnavailable,
     /// No route matched.
     NoRoute,
 }
@@ -104,7 +116,10 @@ impl Failure {
             Failure::BulkheadFull => "bulkhead-full",
             Failure::RateLimited(_) => "rate-limited",
             Failure::Shed => "shed",
-            Failure::BadBody => "bad-request",
+            Failure::BadBody | Failure::BadKey => "bad-request",
+            Failure::TooLarge => "body-too-large",
+            Failure::KeyMismatch => "idempotency-key-mismatch",
+            Failure::StoreUnavailable => "store-unavailable",
             Failure::NoRoute => "no-route",
         }
     }
@@ -116,11 +131,14 @@ impl Failure {
             Failure::Status(s) | Failure::Injected(s) => {
                 StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
-            Failure::CircuitOpen(_) | Failure::BulkheadFull | Failure::Shed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Failure::CircuitOpen(_)
+            | Failure::BulkheadFull
+            | Failure::Shed
+            | Failure::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Failure::BadBody => StatusCode::BAD_REQUEST,
+            Failure::BadBody | Failure::BadKey => StatusCode::BAD_REQUEST,
+            Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Failure::KeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Failure::NoRoute => StatusCode::NOT_FOUND,
         }
     }
@@ -160,6 +178,18 @@ impl Failure {
                 format!("route \"{route}\": shed: the proxy is overloaded; the request did not run")
             }
             Failure::BadBody => format!("route \"{route}\": the request body could not be read"),
+            Failure::TooLarge => format!(
+                "route \"{route}\": a request with an idempotency key may carry at most 1 MiB"
+            ),
+            Failure::BadKey => {
+                format!("route \"{route}\": the idempotency key must be 1 to 256 visible ASCII characters")
+            }
+            Failure::KeyMismatch => format!(
+                "route \"{route}\": this idempotency key was used for a different request (method, path, query or body)"
+            ),
+            Failure::StoreUnavailable => format!(
+                "route \"{route}\": the state store is unavailable; the request did not run"
+            ),
             Failure::NoRoute => "no route matches this path".to_owned(),
         }
     }
@@ -269,7 +299,12 @@ impl Conditions {
             Failure::BulkheadFull => self.bulkhead_full,
             Failure::RateLimited(_) => self.rate_limited,
             Failure::Shed => self.shed,
-            Failure::BadBody | Failure::NoRoute => false,
+            Failure::BadBody
+            | Failure::TooLarge
+            | Failure::BadKey
+            | Failure::KeyMismatch
+            | Failure::StoreUnavailable
+            | Failure::NoRoute => false,
         }
     }
 }
@@ -277,34 +312,55 @@ impl Conditions {
 enum Limiter {
     Global(RateLimiter),
     Keyed(Box<KeyedRateLimiter<Vec<u8>>>, KeyBy),
+    /// Counted in the shared store, by every instance.
+    Shared(Box<SharedRateLimiter>, KeyBy),
 }
 
 /// What a keyed limit counts by.
 enum KeyBy {
+    All,
     Ip,
     Header(HeaderName),
 }
 
-impl Limiter {
-    fn check(&self, headers: &HeaderMap, peer: &Peer) -> Result<(), RateLimited> {
+impl KeyBy {
+    fn key(&self, headers: &HeaderMap, peer: &Peer) -> Vec<u8> {
         match self {
-            Limiter::Global(limiter) => limiter.check(),
-            Limiter::Keyed(limiter, KeyBy::Ip) => {
-                let key = match peer.addr.ip() {
-                    std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-                    std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
-                };
-                limiter.check_key(&key)
-            }
-            Limiter::Keyed(limiter, KeyBy::Header(name)) => {
-                let key = headers
-                    .get(name)
-                    .map(|v| v.as_bytes().to_vec())
-                    .unwrap_or_default();
-                limiter.check_key(&key)
-            }
+            KeyBy::All => Vec::new(),
+            KeyBy::Ip => match peer.addr.ip() {
+                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+            },
+            KeyBy::Header(name) => headers
+                .get(name)
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default(),
         }
     }
+}
+
+impl Limiter {
+    async fn check(&self, headers: &HeaderMap, peer: &Peer) -> Result<(), Failure> {
+        let limited = |r: keel::rate_limit::RateLimited| Failure::RateLimited(r.retry_after);
+        match self {
+            Limiter::Global(limiter) => limiter.check().map_err(limited),
+            Limiter::Keyed(limiter, by) => {
+                limiter.check_key(&by.key(headers, peer)).map_err(limited)
+            }
+            Limiter::Shared(limiter, by) => match limiter.check_key(&by.key(headers, peer)).await {
+                Ok(()) => Ok(()),
+                Err(Refused::RateLimited(r)) => Err(limited(r)),
+                Err(Refused::StoreUnavailable(_)) => Err(Failure::StoreUnavailable),
+            },
+        }
+    }
+}
+
+/// A route's idempotency keys.
+struct Once {
+    executor: Idempotency,
+    header: HeaderName,
+    max_body: u64,
 }
 
 struct Fallback {
@@ -333,6 +389,9 @@ pub(crate) struct Route {
     limiter: Option<Limiter>,
     fallback: Option<Fallback>,
     fault: Option<Fault>,
+    once: Option<Once>,
+    /// The store its idempotency keys and shared limit use, if any.
+    pub(crate) stores: Option<Arc<Stores>>,
     pub(crate) metrics: RouteMetrics,
 }
 
@@ -350,6 +409,7 @@ impl Route {
     pub(crate) fn new(
         config: &config::Route,
         upstream: Arc<Upstream>,
+        stores: &Arc<Stores>,
     ) -> Result<Route, keel::ConfigError> {
         let name: Arc<str> = config.name.as_str().into();
         let field = |prefix: &str| {
@@ -376,17 +436,37 @@ impl Route {
                     .per_second(rl.requests_per_second)
                     .burst(rl.burst);
                 let by = match &rl.key {
-                    RateKey::Global => None,
-                    RateKey::Ip => Some(KeyBy::Ip),
-                    RateKey::Header(name) => Some(KeyBy::Header(
-                        HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    RateKey::Global => KeyBy::All,
+                    RateKey::Ip => KeyBy::Ip,
+                    RateKey::Header(name) => {
+                        KeyBy::Header(HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
                             keel::ConfigError::new("rate_limit.key", "not a header name")
-                        })?,
-                    )),
+                        })?)
+                    }
                 };
-                Some(match by {
-                    None => Limiter::Global(builder.build().map_err(field("rate_limit"))?),
-                    Some(by) => Limiter::Keyed(
+                Some(match (by, rl.shared) {
+                    (by, true) => {
+                        let store = stores.gcra.clone().ok_or_else(|| {
+                            keel::ConfigError::new(
+                                "rate_limit.shared",
+                                "needs [store] kind = \"redis\"",
+                            )
+                        })?;
+                        Limiter::Shared(
+                            Box::new(
+                                builder
+                                    .store_timeout(stores.config.timeout)
+                                    .on_store_error(rl.on_store_error)
+                                    .build_shared(store)
+                                    .map_err(field("rate_limit"))?,
+                            ),
+                            by,
+                        )
+                    }
+                    (KeyBy::All, false) => {
+                        Limiter::Global(builder.build().map_err(field("rate_limit"))?)
+                    }
+                    (by, false) => Limiter::Keyed(
                         Box::new(
                             builder
                                 .build_keyed(MAX_RATE_KEYS)
@@ -398,6 +478,27 @@ impl Route {
             }
             None => None,
         };
+        let once = match &config.idempotency {
+            Some(idem) => Some(Once {
+                executor: Idempotency::builder(name.clone())
+                    .shared_store(stores.idempotency.clone())
+                    .ttl(idem.ttl)
+                    .lock_timeout(idem.lock_timeout)
+                    .store_timeout(stores.config.timeout)
+                    // A duplicate waits for the first up to the route's
+                    // timeout.
+                    .wait_timeout(config.timeout)
+                    .on_store_error(idem.on_store_error)
+                    .build()
+                    .map_err(field("idempotency"))?,
+                header: HeaderName::from_bytes(idem.header.as_bytes()).map_err(|_| {
+                    keel::ConfigError::new("idempotency.header", "not a header name")
+                })?,
+                max_body: idem.max_body.0,
+            }),
+            None => None,
+        };
+        let uses_store = once.is_some() || matches!(limiter, Some(Limiter::Shared(..)));
         let fallback = config.fallback.as_ref().map(|fb| {
             let mut headers = HeaderMap::new();
             for (k, v) in &fb.headers {
@@ -454,6 +555,8 @@ impl Route {
             limiter,
             fallback,
             fault,
+            once,
+            stores: uses_store.then(|| stores.clone()),
             metrics: RouteMetrics::new(&name),
             upstream,
             config: config.clone(),
@@ -477,6 +580,10 @@ impl Route {
         match self.limiter.as_ref()? {
             Limiter::Global(limiter) => state["available"] = limiter.available().into(),
             Limiter::Keyed(limiter, _) => state["keys"] = limiter.store().len().into(),
+            Limiter::Shared(limiter, _) => {
+                state["shared"] = true.into();
+                state["on_store_error"] = limiter.fail_mode().as_str().into();
+            }
         }
         Some(state)
     }
@@ -532,12 +639,29 @@ impl Route {
             None => None,
         };
         if let Some(limiter) = &self.limiter {
-            limiter
-                .check(&parts.headers, peer)
-                .map_err(|r| Failure::RateLimited(r.retry_after))?;
+            limiter.check(&parts.headers, peer).await?;
         }
         let idempotent = is_idempotent(&parts);
         prepare_request(&mut parts, peer);
+        if let Some(once) = &self.once {
+            if let Some(key) = parts.headers.get(&once.header).cloned() {
+                return self.once(once, key, parts, body).await;
+            }
+        }
+        let response = self
+            .proxied(parts, Payload::Streaming(body), idempotent)
+            .await?;
+        Ok(relay(response))
+    }
+
+    /// The route's policies and the upstream, within the total timeout; a
+    /// status the fallback replaces is a failure.
+    async fn proxied(
+        &self,
+        parts: Parts,
+        body: Payload,
+        idempotent: bool,
+    ) -> Result<Response<PooledBody>, Failure> {
         let response = self
             .timeout
             .call(|| self.admitted(parts, body, idempotent))
@@ -549,17 +673,87 @@ impl Route {
                 return Err(Failure::Status(status));
             }
         }
+        Ok(response)
+    }
+
+    /// A request carrying an idempotency key: the first with its key runs
+    /// and a response below 500 is stored; duplicates wait for it or get
+    /// the stored response.
+    async fn once(
+        &self,
+        once: &Once,
+        key: HeaderValue,
+        parts: Parts,
+        body: Incoming,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        let key = match key.to_str() {
+            Ok(k) if !k.is_empty() && k.len() <= 256 => format!("{}:{k}", self.name),
+            _ => return Err(Failure::BadKey),
+        };
+        let body = match replayable(body).await {
+            Replayable::Yes(bytes) => bytes,
+            Replayable::No(_) => return Err(Failure::TooLarge),
+            Replayable::Unreadable => return Err(Failure::BadBody),
+        };
+        let fingerprint = idempotency::fingerprint(&parts.method, &parts.uri, &body);
+        let claim = match once.executor.begin(&key, &fingerprint).await {
+            Ok(Begun::Run(claim)) => claim,
+            Ok(Begun::Replay(stored)) => {
+                let (status, headers, body) =
+                    idempotency::decode(&stored).ok_or(Failure::StoreUnavailable)?;
+                let mut response = Response::new(Either::Right(Full::new(body)));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                response
+                    .headers_mut()
+                    .insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+            Ok(Begun::Unprotected) => {
+                let response = self.proxied(parts, Payload::Buffered(body), true).await?;
+                return Ok(relay(response));
+            }
+            Err(keel::Error::KeyMismatch) => return Err(Failure::KeyMismatch),
+            Err(keel::Error::StoreUnavailable) => return Err(Failure::StoreUnavailable),
+            Err(_) => return Err(Failure::Timeout),
+        };
+        let response = match claim
+            .run(self.proxied(parts, Payload::Buffered(body), true))
+            .await
+        {
+            Ok(response) if !response.status().is_server_error() => response,
+            // A 5xx or a failure did not (knowingly) act: the next try runs.
+            failed => {
+                claim.release().await;
+                return failed.map(relay);
+            }
+        };
         let (mut parts, body) = response.into_parts();
-        parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        relay_head(&mut parts);
+        match claim.run(buffer(body, once.max_body)).await {
+            Buffered::Whole(bytes) => {
+                claim
+                    .complete(&idempotency::encode(parts.status, &parts.headers, &bytes))
+                    .await;
+                Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+            }
+            Buffered::TooLarge(body) => {
+                // Passed through, not stored: a duplicate runs again.
+                claim.release().await;
+                Ok(Response::from_parts(parts, Either::Left(body)))
+            }
+            Buffered::Unreadable => {
+                claim.release().await;
+                Err(Failure::Reset)
+            }
+        }
     }
 
     /// Inside the total timeout: the bulkhead, then retry or one attempt.
     async fn admitted(
         &self,
         parts: Parts,
-        body: Incoming,
+        body: Payload,
         idempotent: bool,
     ) -> Result<Response<PooledBody>, Failure> {
         let _seat = match &self.bulkhead {
@@ -573,17 +767,20 @@ impl Route {
         };
         let Some((retry, on)) = self.retry.as_ref().filter(|_| idempotent) else {
             return self
-                .attempt(Request::from_parts(parts, Either::Right(body)))
+                .attempt(Request::from_parts(parts, body.upstream()))
                 .await;
         };
-        let body = match replayable(body).await {
-            Replayable::Yes(bytes) => bytes,
-            Replayable::No(body) => {
-                return self
-                    .attempt(Request::from_parts(parts, Either::Right(body)))
-                    .await
-            }
-            Replayable::Unreadable => return Err(Failure::BadBody),
+        let body = match body {
+            Payload::Buffered(bytes) => bytes,
+            Payload::Streaming(body) => match replayable(body).await {
+                Replayable::Yes(bytes) => bytes,
+                Replayable::No(body) => {
+                    return self
+                        .attempt(Request::from_parts(parts, Either::Right(body)))
+                        .await
+                }
+                Replayable::Unreadable => return Err(Failure::BadBody),
+            },
         };
         let classify = |result: &Result<Response<PooledBody>, Failure>| -> Verdict {
             let (outcome, retryable, hint) = match result {
@@ -682,6 +879,7 @@ fn lower(e: keel::Error<Failure>) -> Failure {
         keel::Error::BulkheadFull => Failure::BulkheadFull,
         keel::Error::RateLimited { retry_after } => Failure::RateLimited(retry_after),
         keel::Error::Shed { .. } => Failure::Shed,
+        keel::Error::StoreUnavailable => Failure::StoreUnavailable,
         _ => Failure::Reset,
     }
 }
@@ -704,6 +902,63 @@ fn is_idempotent(parts: &Parts) -> bool {
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     ) || parts.headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+/// A request body: as received, or already read (to be hashed).
+enum Payload {
+    Streaming(Incoming),
+    Buffered(Bytes),
+}
+
+impl Payload {
+    fn upstream(self) -> UpstreamBody {
+        match self {
+            Payload::Streaming(body) => Either::Right(body),
+            Payload::Buffered(bytes) => Either::Left(Full::new(bytes)),
+        }
+    }
+}
+
+/// The upstream's response, as the client gets it: HTTP/1.1, without the
+/// upstream connection's own headers.
+fn relay(response: Response<PooledBody>) -> Response<ResponseBody> {
+    let (mut parts, body) = response.into_parts();
+    relay_head(&mut parts);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+fn relay_head(parts: &mut http::response::Parts) {
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+}
+
+/// A response body read for storing.
+enum Buffered {
+    Whole(Bytes),
+    /// Over the limit: what was read is put back in front of the rest.
+    TooLarge(PooledBody),
+    Unreadable,
+}
+
+/// Reads `body` to its end if it holds at most `max` bytes (trailers are
+/// dropped; HTTP/1 responses rarely carry them).
+async fn buffer(mut body: PooledBody, max: u64) -> Buffered {
+    if body.size_hint().lower() > max {
+        return Buffered::TooLarge(body);
+    }
+    let mut read = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Buffered::Unreadable;
+        };
+        if let Ok(data) = frame.into_data() {
+            read.extend_from_slice(&data);
+            if read.len() as u64 > max {
+                return Buffered::TooLarge(body.with_prefix(Bytes::from(read)));
+            }
+        }
+    }
+    Buffered::Whole(Bytes::from(read))
 }
 
 enum Replayable {

@@ -220,6 +220,7 @@ impl Upstream {
             .map_err(|_| SendError::Reset)?;
         let (parts, body) = response.into_parts();
         let body = PooledBody {
+            prefix: None,
             inner: body,
             connection: Some((sender, endpoint.idle.clone())),
         };
@@ -382,11 +383,20 @@ impl Idle {
 /// connection goes back to the endpoint's idle list; dropped before the
 /// end, the connection is closed with it.
 pub(crate) struct PooledBody {
+    /// Bytes already read from `inner` by keel, sent first.
+    prefix: Option<Bytes>,
     inner: Incoming,
     connection: Option<(SendRequest<UpstreamBody>, Arc<Idle>)>,
 }
 
 impl PooledBody {
+    /// The body with `read` (bytes keel read from it already) put back in
+    /// front.
+    pub(crate) fn with_prefix(mut self, read: Bytes) -> PooledBody {
+        self.prefix = Some(read);
+        self
+    }
+
     fn release(&mut self) {
         if let Some((sender, idle)) = self.connection.take() {
             if !sender.is_closed() {
@@ -404,6 +414,9 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(read) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(read))));
+        }
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
         match &frame {
             Poll::Ready(None) => self.release(),
@@ -415,11 +428,20 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        if let Some(read) = &self.prefix {
+            let n = read.len() as u64;
+            // Upper first: the lower bound may never pass it.
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + n);
+            }
+            hint.set_lower(hint.lower() + n);
+        }
+        hint
     }
 }
 

@@ -220,3 +220,69 @@ fn the_command_line_says_how_to_use_it() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn store_and_idempotency_tables_take_defaults_and_name_their_errors() {
+    use keel::store::FailMode;
+    use keel_proxy::config::StoreKind;
+    use std::time::Duration;
+
+    let config = Config::parse(&format!("{MINIMAL}\n[routes.idempotency]\n")).unwrap();
+    assert_eq!(config.store.kind, StoreKind::Memory);
+    let idem = config.routes[0].idempotency.as_ref().unwrap();
+    assert_eq!(idem.header, "idempotency-key");
+    assert_eq!(idem.ttl, Duration::from_secs(24 * 3600));
+    assert_eq!(idem.lock_timeout, Duration::from_secs(30));
+    assert_eq!(idem.max_body.0, 1 << 20);
+    assert_eq!(idem.on_store_error, FailMode::FailClosed);
+
+    let shared = format!(
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6390/\"\n{MINIMAL}\n[routes.rate_limit]\nrequests_per_second = 5\nshared = true\n[routes.idempotency]\nmax_body = \"64KiB\"\n"
+    );
+    let config = Config::parse(&shared).unwrap();
+    let rl = config.routes[0].rate_limit.as_ref().unwrap();
+    assert!(rl.shared);
+    assert_eq!(rl.on_store_error, FailMode::FailOpen);
+    assert_eq!(
+        config.routes[0].idempotency.as_ref().unwrap().max_body.0,
+        64 << 10
+    );
+
+    let (ok, printed) = keel_check(&format!(
+        "[store]\npath = \"x.redb\"\nurl = \"redis://h/\"\ntimeout = \"0s\"\n{MINIMAL}\n[routes.rate_limit]\nrequests_per_second = 5\nshared = true\n[routes.idempotency]\nheader = \"bad header\"\nttl = \"0s\"\n"
+    ));
+    assert!(!ok);
+    for line in [
+        "store.path: is for kind = \"embedded\"",
+        "store.url: is for kind = \"redis\"",
+        "store.timeout: must be longer than zero",
+        "routes[0].rate_limit.shared: needs [store] kind = \"redis\"",
+        "routes[0].idempotency.header: \"bad header\" is not a header name",
+        "routes[0].idempotency.ttl: must be longer than zero",
+    ] {
+        assert!(printed.contains(line), "missing {line:?} in:\n{printed}");
+    }
+
+    for (table, field) in [
+        (
+            "[store]\nkind = \"disk\"\n",
+            "store.kind: unknown variant `disk`",
+        ),
+        (
+            "[store]\nkind = \"redis\"\nurl = \"http://nope\"\n",
+            "store.url: not a Redis URL",
+        ),
+    ] {
+        let (ok, printed) = keel_check(&format!("{table}{MINIMAL}"));
+        assert!(!ok);
+        assert!(printed.contains(field), "missing {field:?} in:\n{printed}");
+    }
+    let (ok, printed) = keel_check(&format!(
+        "{MINIMAL}\n[routes.idempotency]\nmax_body = \"1 parsec\"\n"
+    ));
+    assert!(!ok);
+    assert!(
+        printed.contains("routes[0].idempotency.max_body: \"1 parsec\" is not a size"),
+        "{printed}"
+    );
+}
