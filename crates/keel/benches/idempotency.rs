@@ -1,7 +1,8 @@
 //! Idempotency look-ups per store: a replayed duplicate (the stored result,
 //! nothing runs) and a first call (claim, run, store). See
-//! docs/BENCHMARKS.md. The embedded store needs `--features embedded`; the
-//! Redis one is measured with the Redis rate limiter.
+//! docs/BENCHMARKS.md. The embedded store needs `--features embedded`, the
+//! Redis one `--features redis` and a `redis-server` on PATH (the bench
+//! starts its own on a free loopback port).
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -14,8 +15,12 @@ use keel::idempotency::{Idempotency, IdempotencyStore, MemoryStore};
 #[allow(dead_code)]
 mod support;
 
-fn group(c: &mut Criterion, store_name: &str, store: impl IdempotencyStore + 'static) {
-    let rt = support::runtime();
+fn group(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    store_name: &str,
+    store: impl IdempotencyStore + 'static,
+) {
     // Results kept 1 ms: "first_call" cycles through 100k keys, each
     // expired by the time it comes round again, so the store stays small.
     let idem = Idempotency::builder("bench")
@@ -31,7 +36,7 @@ fn group(c: &mut Criterion, store_name: &str, store: impl IdempotencyStore + 'st
     rt.block_on(replays.call("replayed", b"fp", op)).unwrap();
     let mut g = c.benchmark_group(format!("idempotency_{store_name}"));
     g.bench_function("replay", |b| {
-        b.to_async(&rt).iter(|| async {
+        b.to_async(rt).iter(|| async {
             let done = replays
                 .call(black_box("replayed"), b"fp", op)
                 .await
@@ -41,7 +46,7 @@ fn group(c: &mut Criterion, store_name: &str, store: impl IdempotencyStore + 'st
     });
     let next = AtomicU64::new(0);
     g.bench_function("first_call", |b| {
-        b.to_async(&rt).iter(|| async {
+        b.to_async(rt).iter(|| async {
             let key = format!("key-{}", next.fetch_add(1, Ordering::Relaxed) % 100_000);
             let done = idem.call(&key, b"fp", op).await.unwrap();
             assert!(!done.replayed);
@@ -51,7 +56,7 @@ fn group(c: &mut Criterion, store_name: &str, store: impl IdempotencyStore + 'st
 }
 
 fn memory(c: &mut Criterion) {
-    group(c, "memory", MemoryStore::new());
+    group(c, &support::runtime(), "memory", MemoryStore::new());
 }
 
 #[cfg(feature = "embedded")]
@@ -60,6 +65,7 @@ fn embedded(c: &mut Criterion) {
     let _ = std::fs::remove_file(&path);
     group(
         c,
+        &support::runtime(),
         "embedded",
         keel::idempotency::EmbeddedStore::open(&path).unwrap(),
     );
@@ -71,5 +77,22 @@ fn embedded(_: &mut Criterion) {
     eprintln!("idempotency_embedded: skipped, build with --features embedded");
 }
 
-criterion_group!(benches, memory, embedded);
+#[cfg(feature = "redis")]
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(feature = "redis")]
+fn redis(c: &mut Criterion) {
+    let server = redis_server::RedisServer::start();
+    let rt = support::runtime_with_io();
+    let store = keel::store::RedisStore::open(&server.url()).unwrap();
+    group(c, &rt, "redis", store);
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis(_: &mut Criterion) {
+    eprintln!("idempotency_redis: skipped, build with --features redis");
+}
+
+criterion_group!(benches, memory, embedded, redis);
 criterion_main!(benches);

@@ -13,6 +13,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A current-thread runtime with time and network I/O (for Redis).
+pub fn runtime_with_io() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Runs `iters` calls through `svc` inside one runtime entry.
 pub fn service_calls<S>(rt: &tokio::runtime::Runtime, mut svc: S, iters: u64) -> Duration
 where
