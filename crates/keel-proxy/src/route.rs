@@ -730,7 +730,10 @@ impl Route {
         };
         let (mut parts, body) = response.into_parts();
         relay_head(&mut parts);
-        match claim.run(buffer(body, once.max_body)).await {
+        // The body, read within the route's timeout: the key stays held
+        // (and renewed) while it is read.
+        let buffered = tokio::time::timeout(self.config.timeout, buffer(body, once.max_body));
+        match claim.run(buffered).await.unwrap_or(Buffered::TimedOut) {
             Buffered::Whole(bytes) => {
                 claim
                     .complete(&idempotency::encode(parts.status, &parts.headers, &bytes))
@@ -745,6 +748,10 @@ impl Route {
             Buffered::Unreadable => {
                 claim.release().await;
                 Err(Failure::Reset)
+            }
+            Buffered::TimedOut => {
+                claim.release().await;
+                Err(Failure::Timeout)
             }
         }
     }
@@ -938,6 +945,7 @@ enum Buffered {
     /// Over the limit: what was read is put back in front of the rest.
     TooLarge(PooledBody),
     Unreadable,
+    TimedOut,
 }
 
 /// Reads `body` to its end if it holds at most `max` bytes (trailers are

@@ -15,10 +15,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use keel::rate_limit::RateLimiter;
 use keel::store::RedisStore;
 
-#[allow(dead_code)]
-mod support;
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
+#[allow(dead_code)]
+mod support;
 
 /// Checks in flight at once for the throughput runs.
 const IN_FLIGHT: [usize; 2] = [16, 128];

@@ -14,6 +14,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A current-thread runtime with time and network I/O (for Redis).
+#[allow(dead_code)] // only the Redis benches talk to a network
 pub fn runtime_with_io() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

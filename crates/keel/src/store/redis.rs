@@ -21,7 +21,7 @@ use std::fmt;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::Script;
+use ::redis::{FromRedisValue, Script, ScriptInvocation};
 use tokio::sync::OnceCell;
 
 use super::{StoreError, StoreFuture};
@@ -166,6 +166,21 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
+    /// Runs `script` on `key` with the arguments `args` adds: one
+    /// EVALSHA (the script is loaded on its first NOSCRIPT).
+    async fn eval<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        key: Vec<u8>,
+        args: impl FnOnce(&mut ScriptInvocation<'_>),
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut call = script.prepare_invoke();
+        call.key(key);
+        args(&mut call);
+        call.invoke_async(&mut conn).await.map_err(unavailable)
+    }
+
     fn key(&self, kind: &str, key: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.prefix.len() + kind.len() + key.len());
         k.extend_from_slice(self.prefix.as_bytes());
@@ -196,18 +211,14 @@ impl IdempotencyStore for RedisStore {
         lock_timeout: Duration,
     ) -> StoreFuture<'a, Begin> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
             let token = Token::random();
             let reply: Vec<Vec<u8>> = self
-                .begin
-                .prepare_invoke()
-                .key(self.key("idem:", key.as_bytes()))
-                .arg(fingerprint)
-                .arg(&token_bytes(token)[..])
-                .arg(millis(lock_timeout))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .eval(&self.begin, self.key("idem:", key.as_bytes()), |call| {
+                    call.arg(fingerprint)
+                        .arg(&token_bytes(token)[..])
+                        .arg(millis(lock_timeout));
+                })
+                .await?;
             let mut reply = reply.into_iter();
             let state = reply.next().unwrap_or_default();
             match (state.as_slice(), reply.next(), reply.next()) {
@@ -229,32 +240,24 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
             let stored: i64 = self
-                .complete
-                .prepare_invoke()
-                .key(self.key("idem:", key.as_bytes()))
-                .arg(&token_bytes(token)[..])
-                .arg(value)
-                .arg(millis(ttl))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .eval(&self.complete, self.key("idem:", key.as_bytes()), |call| {
+                    call.arg(&token_bytes(token)[..])
+                        .arg(value)
+                        .arg(millis(ttl));
+                })
+                .await?;
             Ok(stored == 1)
         })
     }
 
     fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
             let _: i64 = self
-                .release
-                .prepare_invoke()
-                .key(self.key("idem:", key.as_bytes()))
-                .arg(&token_bytes(token)[..])
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .eval(&self.release, self.key("idem:", key.as_bytes()), |call| {
+                    call.arg(&token_bytes(token)[..]);
+                })
+                .await?;
             Ok(())
         })
     }
@@ -266,16 +269,11 @@ impl IdempotencyStore for RedisStore {
         lock_timeout: Duration,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
             let held: i64 = self
-                .extend
-                .prepare_invoke()
-                .key(self.key("idem:", key.as_bytes()))
-                .arg(&token_bytes(token)[..])
-                .arg(millis(lock_timeout))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .eval(&self.extend, self.key("idem:", key.as_bytes()), |call| {
+                    call.arg(&token_bytes(token)[..]).arg(millis(lock_timeout));
+                })
+                .await?;
             Ok(held == 1)
         })
     }
@@ -289,20 +287,16 @@ impl GcraStore for RedisStore {
         n: u32,
     ) -> StoreFuture<'a, Result<(), Duration>> {
         Box::pin(async move {
-            let mut conn = self.conn().await?;
             // Microseconds with three decimals: exact for any rate up to
             // one request a nanosecond.
             let micros = |nanos: u64| format!("{}.{:03}", nanos / 1000, nanos % 1000);
             let wait: i64 = self
-                .gcra
-                .prepare_invoke()
-                .key(self.key("rl:", key))
-                .arg(micros(gcra.interval_nanos))
-                .arg(micros(gcra.capacity_nanos))
-                .arg(n)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .eval(&self.gcra, self.key("rl:", key), |call| {
+                    call.arg(micros(gcra.interval_nanos))
+                        .arg(micros(gcra.capacity_nanos))
+                        .arg(n);
+                })
+                .await?;
             Ok(match u64::try_from(wait) {
                 Ok(micros) => Err(Duration::from_micros(micros)),
                 Err(_) => Ok(()),
