@@ -1,21 +1,4 @@
-//! Redis as the store a fleet shares: idempotency records and GCRA rate
-//! limits, each decision one Lua script, so one atomic round trip.
-//!
-//! Layout, under the store's key prefix (default `keel:`):
-//!
-//! - `{prefix}idem:{key}`: a hash. `state` is `inflight` (with the holder's
-//!   `token`) or `done` (with the stored `value`); `fp` is the request's
-//!   fingerprint. Redis expires the key itself: at the holder's lock
-//!   timeout while in flight, at the ttl once done. A dead holder's key is
-//!   therefore free once its lock runs out, with no sweeper.
-//! - `{prefix}rl:{limiter}:{key}`: the key's theoretical arrival time, in
-//!   microseconds of Redis's own clock (`TIME`), expiring when it has
-//!   passed. Instances' clocks never enter a decision.
-//!
-//! The connection is made on first use and remade after a failure
-//! (redis-rs's `ConnectionManager`, one multiplexed connection: concurrent
-//! calls are pipelined on it). A store whose Redis is down answers
-//! [`StoreError::Unavailable`] quickly, and its user's fail mode decides.
+//! Redis as the store a fleet shares; see [`RedisStore`].
 
 use std::fmt;
 use std::time::Duration;
@@ -89,7 +72,25 @@ redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(ahead / 1
 return -1
 ";
 
-/// Idempotency records and rate limits in Redis; see the [module](self).
+/// Redis as the store a fleet shares: idempotency records and GCRA rate
+/// limits, each decision one Lua script, so one atomic round trip.
+///
+/// Layout, under the store's key prefix (default `keel:`):
+///
+/// - `{prefix}idem:{key}`: a hash. `state` is `inflight` (with the holder's
+///   `token`) or `done` (with the stored `value`); `fp` is the request's
+///   fingerprint. Redis expires the key itself: at the holder's lock
+///   timeout while in flight, at the ttl once done. A dead holder's key is
+///   therefore free once its lock runs out, with no sweeper.
+/// - `{prefix}rl:{limiter}:{key}`: the key's theoretical arrival time, in
+///   microseconds of Redis's own clock (`TIME`), expiring when it has
+///   passed. Instances' clocks never enter a decision.
+///
+/// The connection is made on first use and remade after a failure
+/// (redis-rs's `ConnectionManager`, one multiplexed connection: concurrent
+/// calls are pipelined on it). A store whose Redis is down answers
+/// [`StoreError::Unavailable`] quickly, and its user's fail mode decides.
+///
 /// Implements [`IdempotencyStore`] and [`GcraStore`].
 pub struct RedisStore {
     client: ::redis::Client,
