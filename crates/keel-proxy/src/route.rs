@@ -218,6 +218,11 @@ impl Failure {
         if let Some(after) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, retry_after_seconds(after));
         }
+        if self == Failure::TooLarge {
+            // The body was not read: the connection cannot carry another
+            // request, and the client must not wait to reuse it.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

@@ -152,6 +152,9 @@ async fn bad_keys_and_large_bodies_get_4xx_and_large_responses_pass_unstored() {
         (too_large.status, too_large.reason()),
         (413, Some("body-too-large"))
     );
+    // The body was not read, so the connection closes; the client is told
+    // not to reuse it (else its next request races the close).
+    assert_eq!(too_large.header("connection"), Some("close"));
     assert_eq!(stub.count(), 0, "neither reached the upstream");
 
     // A response over max_body is passed through whole, and not stored:
