@@ -12,6 +12,7 @@
 
 mod admin;
 pub mod config;
+pub mod demo;
 mod idempotency;
 mod metrics;
 mod proxy;

@@ -3,12 +3,14 @@
 //! ```text
 //! keel run --config FILE     serve until SIGTERM/SIGINT; SIGHUP reloads FILE
 //! keel check --config FILE   validate a configuration; list every error
+//! keel demo [--duration 60s] [--rate 40] [--report FILE]
+//!                            the checkout scenario with and without keel
 //! ```
 
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: keel run --config FILE\n       keel check --config FILE";
+const USAGE: &str = "usage: keel run --config FILE\n       keel check --config FILE\n       keel demo [--duration 60s] [--rate 40] [--report keel-demo-report.html]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -16,6 +18,7 @@ fn main() -> ExitCode {
     match args.as_slice() {
         ["run", "--config", path] => run(Path::new(path)),
         ["check", "--config", path] => check(Path::new(path)),
+        ["demo", options @ ..] => demo(options),
         ["--help" | "-h" | "help"] => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -39,6 +42,30 @@ fn run(path: &Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("{message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn demo(options: &[&str]) -> ExitCode {
+    let options = match keel_proxy::demo::Options::parse(options) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("keel demo: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    // The sidecar inside logs only what goes wrong with it.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match keel_proxy::demo::run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("keel demo: {message}");
             ExitCode::from(1)
         }
     }

@@ -88,28 +88,7 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
     loop {
         tokio::select! {
             accepted = data.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let proxy = proxy.clone();
-                    let client = Arc::new(Peer::new(peer));
-                    let service = service_fn(move |request| {
-                        let (proxy, client) = (proxy.clone(), client.clone());
-                        async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
-                    });
-                    let connection = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .max_buf_size(MAX_HEAD_BYTES)
-                        .max_header_size(MAX_HEAD_BYTES)
-                        // Head and small bodies in one buffer, one send.
-                        .writev(false)
-                        .serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    });
-                }
+                Ok((stream, peer)) => connection(stream, peer, &proxy, &graceful),
                 Err(e) => {
                     // Out of file descriptors and the like: wait, go on.
                     tracing::warn!(error = %e, "accept failed");
@@ -136,6 +115,70 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
             "requests still in flight at the shutdown timeout were cut off"
         ),
     }
+    Ok(())
+}
+
+/// Serves one accepted connection on its own task, watched by `graceful`.
+fn connection(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    proxy: &Arc<Proxy>,
+    graceful: &GracefulShutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let proxy = proxy.clone();
+    let client = Arc::new(Peer::new(peer));
+    let service = service_fn(move |request| {
+        let (proxy, client) = (proxy.clone(), client.clone());
+        async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_header_size(MAX_HEAD_BYTES)
+        // Head and small bodies in one buffer, one send.
+        .writev(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// A proxy serving `config` inside this process (for `keel demo`), on
+/// listeners the caller bound, until `stop` resolves; no signals, no reload.
+pub(crate) async fn serve_in_process(
+    config: Config,
+    data: TcpListener,
+    admin: TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+    started: impl FnOnce(Arc<Proxy>),
+) -> Result<(), String> {
+    let metrics = Metrics::install();
+    let table = Table::build(config, None, &metrics).map_err(|e| e.to_string())?;
+    let proxy = Arc::new(Proxy::new(table, metrics));
+    let upkeep = tokio::spawn(upkeep(proxy.clone()));
+    let admin = tokio::spawn(serve_admin(admin, proxy.clone()));
+    proxy.started.store(true, Ordering::Release);
+    started(proxy.clone());
+    let graceful = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = data.accept() => {
+                if let Ok((stream, peer)) = accepted {
+                    connection(stream, peer, &proxy, &graceful);
+                }
+            }
+            () = &mut stop => break,
+        }
+    }
+    upkeep.abort();
+    admin.abort();
+    drop(data);
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
     Ok(())
 }
 
