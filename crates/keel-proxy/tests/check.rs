@@ -66,6 +66,20 @@ fn the_example_configuration_is_accepted() {
 }
 
 #[test]
+fn the_demos_checkout_configuration_is_accepted() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["check", "--config"])
+        .arg(repo_file("examples/checkout.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_minimal_configuration_takes_the_documented_defaults() {
     let config = Config::parse(MINIMAL).unwrap();
     let route = &config.routes[0];
