@@ -1,12 +1,12 @@
 //! `keel demo`: the checkout scenario, with and without keel, side by side.
 //!
 //! One process holds everything: two copies of the simulated dependencies
-//! (payment, inventory, recommendations; [`world`]), two copies of the
-//! checkout service ([`shop`]: one calls its dependencies directly, one
+//! (payment, inventory, recommendations; `world`), two copies of the
+//! checkout service (`shop`: one calls its dependencies directly, one
 //! through a keel proxy running here on `examples/checkout.toml`), an open
 //! loop of checkouts driving each at the same rate, and one fault timeline
 //! applied to both worlds at once. A live view prints each second; the end
-//! prints a summary and writes an HTML report ([`report`]).
+//! prints a summary and writes an HTML report (`report`).
 
 mod report;
 mod shop;
