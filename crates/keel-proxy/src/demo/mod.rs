@@ -375,52 +375,45 @@ impl Run {
     }
 }
 
+/// The summary's rows: what, naive's value, keel's value.
+pub(crate) fn rows(naive: &Run, keel: &Run) -> Vec<(&'static str, String, String)> {
+    let both = |f: &dyn Fn(&Run) -> String| (f(naive), f(keel));
+    let rows: [(&'static str, (String, String)); 8] = [
+        ("checkouts", both(&|r| r.checkouts.to_string())),
+        (
+            "checkout success rate",
+            both(&|r| format!("{:.1}%", r.success)),
+        ),
+        ("p50 latency", both(&|r| format!("{:.0}ms", r.p50))),
+        ("p99 latency", both(&|r| format!("{:.0}ms", r.p99))),
+        (
+            "requests that reached payment",
+            both(&|r| r.payment_requests.to_string()),
+        ),
+        (
+            "  per checkout (retry amplification)",
+            both(&|r| format!("{:.2}", ratio(r.payment_requests, r.checkouts))),
+        ),
+        (
+            "requests that reached recommendations",
+            both(&|r| r.recommendation_requests.to_string()),
+        ),
+        (
+            "time to recover after the faults",
+            both(&Run::recovery_text),
+        ),
+    ];
+    rows.into_iter()
+        .map(|(what, (a, b))| (what, a, b))
+        .collect()
+}
+
 /// The side-by-side summary.
 fn summary(naive: &Run, keel: &Run) -> String {
     let mut out = String::from("summary                                naive        keel\n");
-    let mut line = |what: &str, a: String, b: String| {
+    for (what, a, b) in rows(naive, keel) {
         let _ = writeln!(out, "  {what:<34} {a:>10}  {b:>10}");
-    };
-    line(
-        "checkouts",
-        naive.checkouts.to_string(),
-        keel.checkouts.to_string(),
-    );
-    line(
-        "checkout success rate",
-        format!("{:.1}%", naive.success),
-        format!("{:.1}%", keel.success),
-    );
-    line(
-        "p50 latency",
-        format!("{:.0}ms", naive.p50),
-        format!("{:.0}ms", keel.p50),
-    );
-    line(
-        "p99 latency",
-        format!("{:.0}ms", naive.p99),
-        format!("{:.0}ms", keel.p99),
-    );
-    line(
-        "requests that reached payment",
-        naive.payment_requests.to_string(),
-        keel.payment_requests.to_string(),
-    );
-    line(
-        "  per checkout (retry amplification)",
-        format!("{:.2}", ratio(naive.payment_requests, naive.checkouts)),
-        format!("{:.2}", ratio(keel.payment_requests, keel.checkouts)),
-    );
-    line(
-        "requests that reached recommendations",
-        naive.recommendation_requests.to_string(),
-        keel.recommendation_requests.to_string(),
-    );
-    line(
-        "time to recover after the faults",
-        naive.recovery_text(),
-        keel.recovery_text(),
-    );
+    }
     out
 }
 

@@ -50,45 +50,13 @@ svg text {{ font: 12px system-ui, sans-serif; fill: #444; }}
     page.push_str(
         "<table><tr><th></th><th class=\"naive\">naive</th><th class=\"keel\">keel</th></tr>\n",
     );
-    let rows: [(&str, String, String); 7] = [
-        (
-            "checkouts",
-            naive.checkouts.to_string(),
-            keel.checkouts.to_string(),
-        ),
-        (
-            "checkout success rate",
-            format!("{:.1}%", naive.success),
-            format!("{:.1}%", keel.success),
-        ),
-        (
-            "p50 latency",
-            format!("{:.0} ms", naive.p50),
-            format!("{:.0} ms", keel.p50),
-        ),
-        (
-            "p99 latency",
-            format!("{:.0} ms", naive.p99),
-            format!("{:.0} ms", keel.p99),
-        ),
-        (
-            "requests that reached payment",
-            naive.payment_requests.to_string(),
-            keel.payment_requests.to_string(),
-        ),
-        (
-            "requests that reached recommendations",
-            naive.recommendation_requests.to_string(),
-            keel.recommendation_requests.to_string(),
-        ),
-        (
-            "time to recover after the faults",
-            naive.recovery_text(),
-            keel.recovery_text(),
-        ),
-    ];
+    let rows = super::rows(naive, keel);
     for (what, a, b) in rows {
-        let _ = writeln!(page, "<tr><td>{what}</td><td>{a}</td><td>{b}</td></tr>");
+        let _ = writeln!(
+            page,
+            "<tr><td>{}</td><td>{a}</td><td>{b}</td></tr>",
+            what.trim_start()
+        );
     }
     page.push_str("</table>\n<p class=\"note\">Fault timeline: ");
     for (i, (at, says)) in events.iter().enumerate() {
