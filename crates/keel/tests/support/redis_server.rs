@@ -3,6 +3,9 @@
 //! `scripts/test` installs Debian's `redis-server` when it is missing; a
 //! test never skips for lack of one.
 
+// Each user (tests, benches) takes what it needs.
+#![allow(dead_code)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -132,7 +135,6 @@ impl RedisServer {
     }
 
     /// Runs one command (inline protocol) and returns the raw reply.
-    #[allow(dead_code)]
     pub fn command(&self, line: &str) -> String {
         let mut stream = TcpStream::connect(self.addr).expect("connect to redis");
         stream
