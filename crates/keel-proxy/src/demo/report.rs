@@ -94,8 +94,10 @@ svg text {{ font: 12px system-ui, sans-serif; fill: #444; }}
     ));
     page.push_str("<h2>keel's circuit breakers</h2>\n");
     page.push_str(&breakers(ticks, seconds));
-    page.push_str(
-        "<p class=\"note\">Lines: <span class=\"naive\">naive</span> (direct calls, no timeouts, three tries back to back) and <span class=\"keel\">keel</span> (the same calls through the keel sidecar, <code>examples/checkout.toml</code>). Shaded: a fault is on. Seconds without a finished checkout are gaps.</p>\n</body></html>\n",
+    let _ = write!(
+        page,
+        "<p class=\"note\">Lines: <span class=\"naive\">naive</span> (direct calls, no timeouts, three tries back to back) and <span class=\"keel\">keel</span> (the same calls through the keel sidecar, <code>examples/checkout.toml</code>). Shaded: a fault is on. Seconds without a finished checkout are gaps. Latency counts every checkout, failed ones included, from the moment it was due until its answer or the customer giving up ({patience}s), by the second it ended in.</p>\n</body></html>\n",
+        patience = PATIENCE.as_secs()
     );
     page
 }
