@@ -279,8 +279,22 @@ fn temp_dir() -> PathBuf {
 impl Keel {
     /// Starts keel on `rest` (everything but `[server]`, whose listeners go
     /// on free ports; `server_extra` adds lines to it) and waits until it
-    /// reports started.
+    /// reports started. A free port can be taken between its test and
+    /// keel's bind (by any connection's ephemeral port): keel then exits,
+    /// and is started again on other ports.
     pub async fn start_with(server_extra: &str, rest: &str) -> Keel {
+        for _ in 0..3 {
+            let mut keel = Keel::spawn(server_extra, rest);
+            match keel.started().await {
+                Ok(()) => return keel,
+                Err(log) if log.contains("cannot listen on") => continue,
+                Err(log) => panic!("keel did not start; log:\n{log}"),
+            }
+        }
+        panic!("keel lost its free ports three times in a row")
+    }
+
+    fn spawn(server_extra: &str, rest: &str) -> Keel {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let server = format!(
@@ -299,7 +313,7 @@ impl Keel {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let keel = Keel {
+        Keel {
             child,
             listen,
             admin,
@@ -307,20 +321,27 @@ impl Keel {
             log,
             client: Client::builder(TokioExecutor::new()).build_http(),
             server,
-        };
-        let started = eventually(Duration::from_secs(20), || async {
-            keel.admin_get("/health/startup")
+        }
+    }
+
+    /// Waits until keel reports started: its log if it exits or takes
+    /// over 20 s.
+    async fn started(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(self.log_text());
+            }
+            if self
+                .admin_get("/health/startup")
                 .await
-                .ok()
-                .filter(|a| a.status == 200)
-        })
-        .await;
-        assert!(
-            started.is_some(),
-            "keel did not start; log:\n{}",
-            keel.log_text()
-        );
-        keel
+                .is_ok_and(|a| a.status == 200)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(self.log_text())
     }
 
     pub async fn start(rest: &str) -> Keel {
