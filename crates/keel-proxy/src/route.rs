@@ -1009,16 +1009,42 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Removes the hop-by-hop fields and those the `Connection` field names.
+/// One pass over the names finds which are there first: most messages
+/// carry none of them, or only `Connection`, and comparing a name costs
+/// less than looking one up.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(listed) = connection.to_str() {
-            for name in listed.split(',') {
-                headers.remove(name.trim());
-            }
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
         }
     }
-    for name in &HOP_BY_HOP {
-        if headers.contains_key(name) {
+    if present == 0 {
+        return;
+    }
+    // `Connection` (the first) may name more fields; `close` and
+    // `keep-alive` name none to look up.
+    let tokens = |v: &HeaderValue| -> Vec<HeaderName> {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .collect()
+    };
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(tokens)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
@@ -1131,5 +1157,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_connection_field_is_read_and_nothing_else_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-a , X-B"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        for name in ["x-a", "x-b", "x-c"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-c"]);
+        let mut untouched = HeaderMap::new();
+        untouched.insert(header::HOST, HeaderValue::from_static("a"));
+        untouched.insert("x-close", HeaderValue::from_static("close"));
+        strip_hop_by_hop(&mut untouched);
+        assert_eq!(untouched.len(), 2);
     }
 }
