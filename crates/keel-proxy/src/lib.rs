@@ -13,6 +13,7 @@
 mod admin;
 pub mod config;
 pub mod demo;
+mod h1;
 mod idempotency;
 mod metrics;
 mod proxy;

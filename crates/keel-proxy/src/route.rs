@@ -654,7 +654,7 @@ impl Route {
             }
         }
         let response = self
-            .proxied(parts, Payload::Streaming(body), idempotent)
+            .proxied(parts, UpstreamBody::Streaming(body), idempotent)
             .await?;
         Ok(relay(response))
     }
@@ -664,7 +664,7 @@ impl Route {
     async fn proxied(
         &self,
         parts: Parts,
-        body: Payload,
+        body: UpstreamBody,
         idempotent: bool,
     ) -> Result<Response<PooledBody>, Failure> {
         let response = self
@@ -715,7 +715,9 @@ impl Route {
                 return Ok(response);
             }
             Ok(Begun::Unprotected) => {
-                let response = self.proxied(parts, Payload::Buffered(body), true).await?;
+                let response = self
+                    .proxied(parts, UpstreamBody::Buffered(body), true)
+                    .await?;
                 return Ok(relay(response));
             }
             Err(keel::Error::KeyMismatch) => return Err(Failure::KeyMismatch),
@@ -723,7 +725,7 @@ impl Route {
             Err(_) => return Err(Failure::Timeout),
         };
         let response = match claim
-            .run(self.proxied(parts, Payload::Buffered(body), true))
+            .run(self.proxied(parts, UpstreamBody::Buffered(body), true))
             .await
         {
             Ok(response) if !response.status().is_server_error() => response,
@@ -765,7 +767,7 @@ impl Route {
     async fn admitted(
         &self,
         parts: Parts,
-        body: Payload,
+        body: UpstreamBody,
         idempotent: bool,
     ) -> Result<Response<PooledBody>, Failure> {
         let _seat = match &self.bulkhead {
@@ -778,18 +780,14 @@ impl Route {
             None => None,
         };
         let Some((retry, on)) = self.retry.as_ref().filter(|_| idempotent) else {
-            return self
-                .attempt(Request::from_parts(parts, body.upstream()))
-                .await;
+            return self.attempt(&parts, body).await;
         };
         let body = match body {
-            Payload::Buffered(bytes) => bytes,
-            Payload::Streaming(body) => match replayable(body).await {
+            UpstreamBody::Buffered(bytes) => bytes,
+            UpstreamBody::Streaming(body) => match replayable(body).await {
                 Replayable::Yes(bytes) => bytes,
                 Replayable::No(body) => {
-                    return self
-                        .attempt(Request::from_parts(parts, Either::Right(body)))
-                        .await
+                    return self.attempt(&parts, UpstreamBody::Streaming(body)).await
                 }
                 Replayable::Unreadable => return Err(Failure::BadBody),
             },
@@ -817,7 +815,7 @@ impl Route {
         };
         retry
             .call_classified(&classify, || {
-                self.attempt(replay(&parts, Full::new(body.clone())))
+                self.attempt(&parts, UpstreamBody::Buffered(body.clone()))
             })
             .await
             .map_err(lower)
@@ -826,7 +824,8 @@ impl Route {
     /// One attempt: the breaker, the per-try timeout, faults, the upstream.
     async fn attempt(
         &self,
-        request: Request<UpstreamBody>,
+        parts: &Parts,
+        body: UpstreamBody,
     ) -> Result<Response<PooledBody>, Failure> {
         let permit = match &self.breaker {
             Some(breaker) => Some(
@@ -837,8 +836,8 @@ impl Route {
             None => None,
         };
         let result = match &self.per_try {
-            Some(per_try) => per_try.call(|| self.send(request)).await.map_err(lower),
-            None => self.send(request).await,
+            Some(per_try) => per_try.call(|| self.send(parts, body)).await.map_err(lower),
+            None => self.send(parts, body).await,
         };
         if let Some(permit) = permit {
             let failed = match &result {
@@ -850,7 +849,11 @@ impl Route {
         result
     }
 
-    async fn send(&self, request: Request<UpstreamBody>) -> Result<Response<PooledBody>, Failure> {
+    async fn send(
+        &self,
+        parts: &Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<PooledBody>, Failure> {
         if let Some(fault) = &self.fault {
             let injection = fault.chaos.decide();
             if let Some(delay) = injection.delay {
@@ -861,7 +864,7 @@ impl Route {
             }
         }
         let picked = self.upstream.pick().ok_or(Failure::Connect)?;
-        let result = self.upstream.send(picked.endpoint, request).await;
+        let result = self.upstream.send(picked.endpoint, parts, body).await;
         picked.done(match &result {
             Ok(response) => response.status().is_server_error(),
             Err(_) => true,
@@ -914,21 +917,6 @@ fn is_idempotent(parts: &Parts) -> bool {
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     ) || parts.headers.contains_key(IDEMPOTENCY_KEY)
-}
-
-/// A request body: as received, or already read (to be hashed).
-enum Payload {
-    Streaming(Incoming),
-    Buffered(Bytes),
-}
-
-impl Payload {
-    fn upstream(self) -> UpstreamBody {
-        match self {
-            Payload::Streaming(body) => Either::Right(body),
-            Payload::Buffered(bytes) => Either::Left(Full::new(bytes)),
-        }
-    }
 }
 
 /// The upstream's response, as the client gets it: HTTP/1.1, without the
@@ -1065,17 +1053,6 @@ fn prepare_request(parts: &mut Parts, peer: &Peer) {
         Some(list) => parts.headers.insert(X_FORWARDED_FOR, list),
         None => parts.headers.insert(X_FORWARDED_FOR, peer.ip.clone()),
     };
-}
-
-/// The request again, for one more attempt with a buffered body (prepared
-/// parts carry no extensions to copy).
-fn replay(parts: &Parts, body: Full<Bytes>) -> Request<UpstreamBody> {
-    let mut request = Request::new(Either::Left(body));
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    request
 }
 
 /// `Retry-After` in seconds or as an HTTP date.

@@ -19,17 +19,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http_body_util::{Either, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::body::{Body, Frame, SizeHint};
 use metrics::{Counter, Gauge};
 
 use crate::config;
+use crate::h1::{Conn, Framing, Step};
 
-/// A request body on its way to an upstream: buffered (so it can be sent
-/// again) or streamed once.
-pub(crate) type UpstreamBody = Either<Full<Bytes>, Incoming>;
+pub(crate) use crate::h1::RequestBody as UpstreamBody;
 
 /// Idle connections kept per endpoint at most.
 const MAX_IDLE_PER_ENDPOINT: usize = 512;
@@ -188,59 +184,53 @@ impl Upstream {
         })
     }
 
-    /// Sends `request` to `endpoint` on a kept-alive connection, or a new
-    /// one. The request's URI is sent as its path and query (origin form).
+    /// Sends a request (its head borrowed: a retry sends it again) to
+    /// `endpoint` on a kept-alive connection, or a new one, and reads the
+    /// response head. The URI goes out as its path and query (origin form:
+    /// an absolute-form URI, meant for a forward proxy, is cut down to them).
     pub(crate) async fn send(
         &self,
         endpoint: &Endpoint,
-        mut request: http::Request<UpstreamBody>,
+        parts: &http::request::Parts,
+        body: UpstreamBody,
     ) -> Result<http::Response<PooledBody>, SendError> {
-        // Clients send the origin form; an absolute-form URI (a request
-        // meant for a forward proxy) is cut down to its path and query.
-        if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-            let mut uri = http::uri::Parts::default();
-            uri.path_and_query = Some(
-                request
-                    .uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-            );
-            *request.uri_mut() = http::Uri::from_parts(uri).expect("a path alone is a valid URI");
-        }
-        if !request.headers().contains_key(http::header::HOST) {
-            if let Ok(host) = http::HeaderValue::from_str(endpoint.authority.as_str()) {
-                request.headers_mut().insert(http::header::HOST, host);
-            }
-        }
-        let mut sender = self.connection(endpoint).await?;
-        let response = sender
-            .send_request(request)
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut conn = self.connection(endpoint).await?;
+        let head = conn
+            .exchange(
+                &parts.method,
+                target,
+                &parts.headers,
+                endpoint.authority.as_str(),
+                body,
+            )
             .await
-            .map_err(|_| SendError::Reset)?;
-        let (parts, body) = response.into_parts();
-        let body = PooledBody {
+            .map_err(|e| {
+                tracing::debug!(upstream = %self.name, endpoint = %endpoint.address, error = %e, "upstream exchange failed");
+                SendError::Reset
+            })?;
+        let mut response = http::Response::new(PooledBody {
             prefix: None,
-            inner: body,
-            connection: Some((sender, endpoint.idle.clone())),
-        };
-        Ok(http::Response::from_parts(parts, body))
+            framing: head.framing,
+            conn: Some(conn),
+            keep_alive: head.keep_alive,
+            idle: endpoint.idle.clone(),
+        });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        if head.framing.is_done() {
+            response.body_mut().release();
+        }
+        Ok(response)
     }
 
     /// A connection to `endpoint` ready for a request: the most recently
     /// used idle one that is still open, else a new one.
-    async fn connection(
-        &self,
-        endpoint: &Endpoint,
-    ) -> Result<SendRequest<UpstreamBody>, SendError> {
-        while let Some(mut sender) = endpoint.idle.take() {
-            if sender.is_closed() {
-                continue;
-            }
-            // Usually ready at once; a connection whose last response was
-            // just read may take a moment to settle.
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
+    async fn connection(&self, endpoint: &Endpoint) -> Result<Conn, SendError> {
+        while let Some(conn) = endpoint.idle.take() {
+            if conn.is_usable() {
+                return Ok(conn);
             }
         }
         let connect = tokio::net::TcpStream::connect(endpoint.address.as_ref());
@@ -249,18 +239,7 @@ impl Upstream {
             _ => return Err(SendError::Connect),
         };
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|_| SendError::Connect)?;
-        let (name, address) = (self.name.clone(), endpoint.address.clone());
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(upstream = %name, endpoint = %address, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 
     fn record(&self, endpoint: &Endpoint, failed: bool) {
@@ -364,29 +343,33 @@ impl Drop for Picked<'_> {
 
 /// An endpoint's idle connections.
 #[derive(Default)]
-struct Idle(std::sync::Mutex<Vec<SendRequest<UpstreamBody>>>);
+struct Idle(std::sync::Mutex<Vec<Conn>>);
 
 impl Idle {
-    fn take(&self) -> Option<SendRequest<UpstreamBody>> {
+    fn take(&self) -> Option<Conn> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
-    fn put(&self, sender: SendRequest<UpstreamBody>) {
+    fn put(&self, conn: Conn) {
         let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(sender);
+            idle.push(conn);
         }
     }
 }
 
-/// An upstream response's body. Once it has been read to the end, its
-/// connection goes back to the endpoint's idle list; dropped before the
-/// end, the connection is closed with it.
+/// An upstream response's body, decoded from its connection as it is
+/// polled. Once it has been read to the end, the connection goes back to
+/// the endpoint's idle list (when the upstream keeps it alive); dropped
+/// before the end, the connection is closed with it.
 pub(crate) struct PooledBody {
-    /// Bytes already read from `inner` by keel, sent first.
+    /// Bytes already read from the body by keel, sent first.
     prefix: Option<Bytes>,
-    inner: Incoming,
-    connection: Option<(SendRequest<UpstreamBody>, Arc<Idle>)>,
+    framing: Framing,
+    /// `None` once the body is read or failed.
+    conn: Option<Conn>,
+    keep_alive: bool,
+    idle: Arc<Idle>,
 }
 
 impl PooledBody {
@@ -398,9 +381,9 @@ impl PooledBody {
     }
 
     fn release(&mut self) {
-        if let Some((sender, idle)) = self.connection.take() {
-            if !sender.is_closed() {
-                idle.put(sender);
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.is_clean() {
+                self.idle.put(conn);
             }
         }
     }
@@ -408,40 +391,74 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(read) = self.prefix.take() {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        if let Some(read) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(read))));
         }
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.connection = None,
-            _ => {}
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match conn.decode(&mut this.framing) {
+                Ok(Step::Frame(frame)) => {
+                    if this.framing.is_done() {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Step::End) => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            match std::task::ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.framing == Framing::Close => {
+                    this.framing = Framing::Length(0);
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before the body's end",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.inner.is_end_stream()
+        self.prefix.is_none() && (self.conn.is_none() || self.framing.is_done())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        if let Some(read) = &self.prefix {
-            let n = read.len() as u64;
-            // Upper first: the lower bound may never pass it.
-            if let Some(upper) = hint.upper() {
-                hint.set_upper(upper + n);
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n + prefix),
+            _ if self.conn.is_none() => SizeHint::with_exact(prefix),
+            _ => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(prefix);
+                hint
             }
-            hint.set_lower(hint.lower() + n);
         }
-        hint
     }
 }
 
@@ -449,19 +466,21 @@ impl Body for PooledBody {
 async fn health_check(upstream: Weak<Upstream>, i: usize, hc: config::HealthCheck) {
     let mut passes = 0u32;
     let mut failures = 0u32;
+    let (request, ()) = http::Request::get(hc.path.as_str())
+        .header(http::header::USER_AGENT, "keel-health-check")
+        .body(())
+        .expect("a GET with a checked path is valid")
+        .into_parts();
     let mut tick = tokio::time::interval(hc.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(up) = upstream.upgrade() else { return };
         let endpoint = &up.endpoints[i];
-        let request = http::Request::get(hc.path.as_str())
-            .header(http::header::USER_AGENT, "keel-health-check")
-            .body(Either::Left(Full::new(Bytes::new())))
-            .expect("a GET with a checked path is valid");
         // Read to the end, so that the connection is kept for the next one.
         let check = async {
-            let response = up.send(endpoint, request).await.ok()?;
+            let body = UpstreamBody::Buffered(Bytes::new());
+            let response = up.send(endpoint, &request, body).await.ok()?;
             let ok = response.status().is_success();
             http_body_util::BodyExt::collect(response.into_body())
                 .await

@@ -107,6 +107,81 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     assert_eq!(stub.connections(), 2);
 }
 
+/// A raw HTTP/1.1 upstream answering by path, one connection at a time:
+/// `/chunked` in chunks, `/close` delimited by the close, `/last` with a
+/// length and then a close (its sender hears when it closed), else `ok`.
+async fn raw_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let answer: &[u8] = match head.split(' ').nth(1) {
+                        Some("/chunked") => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+                        Some("/close") => b"HTTP/1.1 200 OK\r\n\r\nuntil the close",
+                        Some("/last") => b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlast",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if head.starts_with("GET /close ") || head.starts_with("GET /last ") {
+                        drop(s);
+                        let _ = closed.send(());
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, closes)
+}
+
+#[tokio::test]
+async fn chunked_close_delimited_and_closed_idle_upstream_connections() {
+    let (addr, mut closes) = raw_upstream().await;
+    let keel = Keel::start(&format!(
+        "{}{}",
+        upstream("raw", &[addr]),
+        route("raw", "/", "raw", "")
+    ))
+    .await;
+    let r = keel.get("/chunked").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "hello world"));
+    let r = keel.get("/close").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "until the close"));
+    closes.recv().await.unwrap();
+    for _ in 0..3 {
+        // The upstream closed the connection keel kept idle: keel sees it
+        // and does not send the next request (which has no retry) into it.
+        let r = keel.get("/last").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "last"));
+        closes.recv().await.unwrap();
+        let r = keel.get("/").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"), "{:?}", r.reason());
+    }
+}
+
 #[tokio::test]
 async fn spreads_requests_over_endpoints() {
     let (a, b) = (Stub::start().await, Stub::start().await);
