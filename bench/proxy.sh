@@ -30,6 +30,8 @@
 #   PROXY_CPU=0, LOAD_CPU=1   the CPUs described above
 #   OUT=FILE          like --out FILE
 #   KEEL_BIN, LOADGEN_BIN     use these binaries instead of building them
+#   INSTRUCTIONS=1    also count keel's and HAProxy's user-space instructions per
+#                     request under valgrind's callgrind (0: skip; installs valgrind)
 #   KEEP_TMP=1        keep the temp dir (generated configs, logs, raw output);
 #                     it is always kept when the run fails
 #
@@ -67,12 +69,14 @@ RATE=${RATE:-20000}
 CONNECTIONS=${CONNECTIONS:-32}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-3}
+INSTRUCTIONS=${INSTRUCTIONS:-1}
 PORT_BASE=${PORT_BASE:-18000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 for var in DURATION RATE CONNECTIONS PORT_BASE ROUNDS; do
     [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var must be a positive whole number, got '${!var}'"
 done
+[[ $INSTRUCTIONS =~ ^[01]$ ]] || die "INSTRUCTIONS must be 0 or 1, got '$INSTRUCTIONS'"
 for var in WARMUP PROXY_CPU LOAD_CPU; do
     [[ ${!var} =~ ^[0-9]+$ ]] || die "$var must be a whole number, got '${!var}'"
 done
@@ -98,6 +102,9 @@ for tool in nginx haproxy wrk; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 command -v pgrep >/dev/null || missing+=(procps)
+if [ "$INSTRUCTIONS" = 1 ]; then
+    command -v valgrind >/dev/null || missing+=(valgrind)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]} (Debian packages)"
     sudo=""
@@ -107,7 +114,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         $sudo apt-get update -qq >&2
         $sudo apt-get install -y --no-install-recommends "${missing[@]}" >&2
     }
-    for tool in nginx haproxy wrk pgrep; do
+    for tool in nginx haproxy wrk pgrep $([ "$INSTRUCTIONS" = 0 ] || echo valgrind callgrind_control); do
         command -v "$tool" >/dev/null || die "$tool is still missing after apt-get install"
     done
 fi
@@ -522,6 +529,59 @@ for name in direct haproxy nginx keel; do
     cpu_s[$name]=$(median "${all_cpu[$name]}")
 done
 
+# ---------------------------------------------------------------- instructions
+# User-space instructions per request, which this machine's drift does not
+# move: keel and HAProxy each run alone under callgrind, are warmed up, have
+# their counters zeroed, serve wrk for DURATION, and have them dumped. Under
+# valgrind both serve about 40x fewer requests a second than at full speed
+# (fewer requests per event-loop turn): a like-for-like count, not that of a
+# saturated run. nginx (a master forking its worker) is left out.
+declare -A ir
+if [ "$INSTRUCTIONS" = 1 ]; then
+    for name in haproxy keel; do
+        dir=$tmp/callgrind-$name
+        mkdir -p "$dir"
+        grind=(valgrind --tool=callgrind "--callgrind-out-file=$dir/out")
+        case $name in
+            haproxy)
+                port=$haproxy_port
+                start_server "$dir/stderr.log" "$PROXY_CPU" "${grind[@]}" haproxy -db -f "$tmp/haproxy/haproxy.cfg"
+                ;;
+            keel)
+                port=$keel_port
+                start_server "$dir/stderr.log" "$PROXY_CPU" env KEEL_LOG=warn "${grind[@]}" "$keel_bin" run --config "$tmp/keel/keel.toml"
+                ;;
+        esac
+        pid=$started
+        log "$name under callgrind: starting (slowly)"
+        for ((i = 0; i < 600; i++)); do
+            kill -0 "$pid" 2>/dev/null || die "$name exited under callgrind; the end of its log:\n$(tail -n 20 "$dir/stderr.log")"
+            if answers_200 "$port"; then break; fi
+            sleep 0.1
+        done
+        answers_200 "$port" || die "$name does not answer under callgrind after 60 s"
+        run_load "$dir/warmup" wrk -t1 -c"$CONNECTIONS" -d"$((WARMUP > 0 ? WARMUP : 1))s" "http://127.0.0.1:$port/" ||
+            die "wrk (warm-up) against $name under callgrind failed"
+        callgrind_control -z "$pid" >/dev/null
+        log "$name under callgrind: wrk -t1 -c$CONNECTIONS -d${DURATION}s"
+        run_load "$dir/wrk" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -s "$tmp/report.lua" "http://127.0.0.1:$port/" ||
+            die "wrk against $name under callgrind failed"
+        callgrind_control -d "$pid" >/dev/null
+        for ((i = 0; i < 100; i++)); do
+            [ -s "$dir/out.1" ] && grep -q '^totals:' "$dir/out.1" && break
+            sleep 0.1
+        done
+        stop "$pid"
+        requests=$(field "$(grep '^wrkstats ' "$dir/wrk")" requests)
+        total=$(awk '/^summary:/ { print $2; exit }' "$dir/out.1" 2>/dev/null || true)
+        if [ -z "$total" ] || [ "${requests:-0}" -le 0 ]; then
+            die "no callgrind count for $name (see $dir)"
+        fi
+        ir[$name]=$((total / requests))
+        log "$name under callgrind: ${ir[$name]} instructions per request over $requests requests"
+    done
+fi
+
 stop "$upstream_pid"
 
 # ---------------------------------------------------------------- report
@@ -559,6 +619,10 @@ EOF
             echo
         fi
     done
+    if [ "$INSTRUCTIONS" = 1 ]; then
+        echo "User-space instructions per request under callgrind (see the script's header): keel ${ir[keel]}, HAProxy ${ir[haproxy]} ($(awk -v a="${ir[keel]}" -v b="${ir[haproxy]}" 'BEGIN { printf "%.2f", a / b }')x)."
+        echo
+    fi
     echo "Details:"
     for name in keel nginx haproxy direct; do
         echo "- $name: throughput per round ${rounds_rps[$name]} req/s. ${notes[$name]:-}"
