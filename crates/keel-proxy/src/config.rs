@@ -147,6 +147,11 @@ pub struct Server {
     /// How long in-flight requests may take to finish on shutdown.
     #[serde(default = "thirty_seconds", with = "keel::config::duration")]
     pub shutdown_timeout: Duration,
+    /// How long a client connection with no request in flight may take to
+    /// send a complete request head (from its accept, or from the end of
+    /// its previous response) before it is closed.
+    #[serde(default = "thirty_seconds", with = "keel::config::duration")]
+    pub request_head_timeout: Duration,
     /// A bearer token required on admin requests except the health ones.
     #[serde(default)]
     pub admin_token: Option<String>,
@@ -662,6 +667,12 @@ impl Config {
             err(
                 "server.workers".into(),
                 "must be at least 1 (leave it out for one per CPU)".into(),
+            );
+        }
+        if self.server.request_head_timeout.is_zero() {
+            err(
+                "server.request_head_timeout".into(),
+                "must be longer than zero".into(),
             );
         }
         if self.server.admin_token.as_deref() == Some("") {

@@ -13,6 +13,7 @@
 mod admin;
 pub mod config;
 pub mod demo;
+mod guard;
 mod h1;
 mod idempotency;
 mod metrics;

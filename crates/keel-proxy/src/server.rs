@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
+use crate::guard::{until_idle, Tracked, Waiting};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Table};
 use crate::route::Peer;
@@ -126,14 +127,24 @@ fn connection(
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
+    let head_timeout = proxy.table().config.server.request_head_timeout;
+    let waiting = Waiting::new();
     let proxy = proxy.clone();
     let client = Arc::new(Peer::new(peer));
+    let w = waiting.clone();
     let service = service_fn(move |request| {
         let (proxy, client) = (proxy.clone(), client.clone());
-        async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
+        let in_flight = w.request();
+        async move {
+            let response = proxy.handle(request, &client).await;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+        }
     });
+    // No timer of hyper's: the slow-client guard (guard.rs) does its job
+    // with one timer per connection instead of one per request.
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_header_size(MAX_HEAD_BYTES)
         // Head and small bodies in one buffer, one send.
@@ -141,8 +152,14 @@ fn connection(
         .serve_connection(TokioIo::new(stream), service);
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        match until_idle(connection, &waiting, head_timeout).await {
+            Some(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            Some(Ok(())) => {}
+            None => {
+                tracing::debug!(%peer, timeout = ?head_timeout, "connection closed: no request head within server.request_head_timeout")
+            }
         }
     });
 }

@@ -91,6 +91,10 @@ fn a_minimal_configuration_takes_the_documented_defaults() {
         config.server.shutdown_timeout,
         std::time::Duration::from_secs(30)
     );
+    assert_eq!(
+        config.server.request_head_timeout,
+        std::time::Duration::from_secs(30)
+    );
 
     let with_tables = format!(
         "{MINIMAL}\n[routes.retry]\n[routes.fault]\nabort = {{ percent = 5 }}\n[routes.rate_limit]\nrequests_per_second = 10\nkey = \"header:X-User\"\n"
@@ -124,6 +128,7 @@ fn every_error_is_listed_with_its_field_path() {
 [server]
 listen = "127.0.0.1:8080"
 admin = "localhost"
+request_head_timeout = "0s"
 
 [upstreams.payment]
 endpoints = ["127.0.0.1:9001", "nope"]
@@ -154,6 +159,7 @@ abort = { percent = 150, status = 42 }
     assert!(!ok);
     for line in [
         "server.admin: \"localhost\" is not an address like \"127.0.0.1:8080\"",
+        "server.request_head_timeout: must be longer than zero",
         "upstreams.payment.endpoints[1]: \"nope\" is not an endpoint",
         "routes[0].retry.per_try_timeout: is longer than the route's timeout (1s)",
         "routes[0].retry.on[1]: keel's own refusals are not retried",
@@ -167,7 +173,7 @@ abort = { percent = 150, status = 42 }
     ] {
         assert!(printed.contains(line), "missing {line:?} in:\n{printed}");
     }
-    assert!(printed.contains("11 error(s)"), "{printed}");
+    assert!(printed.contains("12 error(s)"), "{printed}");
 }
 
 #[test]

@@ -905,6 +905,49 @@ async fn malformed_requests_get_4xx_and_the_proxy_stays_up() {
 }
 
 #[tokio::test]
+async fn slow_and_idle_clients_are_closed_at_the_request_head_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stub = Stub::start().await;
+    stub.behave(|h, _| {
+        if h.path == "/slow" {
+            Reply::ok("slow\n").after(Duration::from_millis(1500))
+        } else {
+            Reply::ok("ok\n")
+        }
+    });
+    let keel = Keel::start_with("request_head_timeout = \"1s\"", &web(&stub, "")).await;
+    // Read to the close, which must come within 10 s.
+    let until_closed = |mut s: tokio::net::TcpStream| async move {
+        let mut out = Vec::new();
+        tokio::time::timeout(10 * SECOND, s.read_to_end(&mut out))
+            .await
+            .expect("keel closes the connection")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+
+    // A head that never ends.
+    let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow")
+        .await
+        .unwrap();
+    assert_eq!(until_closed(s).await, "");
+
+    // A request in flight longer than the timeout is answered; the
+    // connection, idle after it, is closed.
+    let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(s).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("slow\n"),
+        "{answer}"
+    );
+    assert_eq!(keel.get("/").await.status, 200);
+}
+
+#[tokio::test]
 async fn sighup_reloads_keeping_unchanged_routes_state_and_rejects_a_bad_file() {
     let stub = Stub::start().await;
     let base = format!(
