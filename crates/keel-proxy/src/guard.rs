@@ -75,27 +75,39 @@ impl Drop for InFlight {
 
 /// Runs `connection` to its end (`Some`), or until it has waited `timeout`
 /// for a request head (`None`: it is dropped, which closes it).
+///
+/// The timer is polled (its waker registered) once per reset; on the
+/// connection's other wake-ups only its elapsed flag is read.
 pub(crate) async fn until_idle<F: Future>(
     connection: F,
     waiting: &Waiting,
     timeout: Duration,
 ) -> Option<F::Output> {
     let mut connection = std::pin::pin!(connection);
-    let deadline = tokio::time::sleep(timeout);
-    let mut deadline = std::pin::pin!(deadline);
-    loop {
-        tokio::select! {
-            out = &mut connection => return Some(out),
-            () = &mut deadline => {
-                let next = match waiting.waited() {
-                    None => timeout,
-                    Some(waited) if waited >= timeout => return None,
-                    Some(waited) => timeout - waited,
-                };
-                deadline.as_mut().reset(Instant::now() + next);
-            }
+    let mut deadline = std::pin::pin!(tokio::time::sleep(timeout));
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
         }
-    }
+        loop {
+            if armed && !deadline.is_elapsed() {
+                return Poll::Pending;
+            }
+            if deadline.as_mut().poll(cx).is_pending() {
+                armed = true;
+                return Poll::Pending;
+            }
+            let next = match waiting.waited() {
+                None => timeout,
+                Some(waited) if waited >= timeout => return Poll::Ready(None),
+                Some(waited) => timeout - waited,
+            };
+            deadline.as_mut().reset(Instant::now() + next);
+            armed = false;
+        }
+    })
+    .await
 }
 
 /// A response body that ends its request's [`InFlight`] when it is dropped
