@@ -411,7 +411,7 @@ cpu_note=""
 if [ "$cpus" -eq 2 ]; then cpu_note=" (only two, hence the sharing below)"; fi
 
 # ---------------------------------------------------------------- runs
-declare -A rps wrk_p99 p50 p99 cpu_s rss_mib notes rounds_rps
+declare -A rps wrk_p99 p50 p99 cpu_s eff rss_mib notes rounds_rps
 
 # Loads `url` (the proxy `pid`, or none for the direct row) and records the
 # row `name`.
@@ -439,8 +439,12 @@ measure() { # name url [pid]
     fi
     if [ -n "$pid" ]; then
         cpu_s[$name]=$(awk -v t=$((after - before)) -v hz="$clk_tck" 'BEGIN { printf "%.2f", t / hz }')
+        # Requests per CPU second: what the proxy does with the CPU it
+        # got, which time stolen by the machine's neighbours moves less.
+        eff[$name]=$(awk -v n="$requests" -v c="${cpu_s[$name]}" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
     else
         cpu_s[$name]="–"
+        eff[$name]="–"
     fi
     log "$name: ${rps[$name]} req/s, p99 ${wrk_p99[$name]} ms, CPU ${cpu_s[$name]} s"
 
@@ -492,13 +496,14 @@ start_server "$tmp/keel/keel.log" "$PROXY_CPU" \
 keel_pid=$started
 wait_ready keel "$keel_port" "$keel_pid" "$tmp/keel/keel.log"
 
-declare -A all_rps all_p50 all_p99 all_wrk_p99 all_cpu
+declare -A all_rps all_p50 all_p99 all_wrk_p99 all_cpu all_eff
 record() { # name
     all_rps[$1]+=" ${rps[$1]}"
     all_p50[$1]+=" ${p50[$1]}"
     all_p99[$1]+=" ${p99[$1]}"
     all_wrk_p99[$1]+=" ${wrk_p99[$1]}"
     all_cpu[$1]+=" ${cpu_s[$1]}"
+    all_eff[$1]+=" ${eff[$1]}"
 }
 order=(direct haproxy nginx keel)
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -527,6 +532,7 @@ for name in direct haproxy nginx keel; do
     p99[$name]=$(median "${all_p99[$name]}")
     wrk_p99[$name]=$(median "${all_wrk_p99[$name]}")
     cpu_s[$name]=$(median "${all_cpu[$name]}")
+    eff[$name]=$(median "${all_eff[$name]}" | awk '{ printf ($1 == "–" ? "%s" : "%.0f"), $1 }')
 done
 
 # ---------------------------------------------------------------- instructions
@@ -586,6 +592,7 @@ stop "$upstream_pid"
 
 # ---------------------------------------------------------------- report
 ratio() { awk -v a="$1" -v b="${rps[haproxy]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }'; }
+eff_ratio() { awk -v a="$1" -v b="${eff[haproxy]}" 'BEGIN { if (a != "–" && b > 0) printf "%.2f", a / b; else print "–" }'; }
 
 slowest=$(printf '%s\n' "${rps[keel]}" "${rps[nginx]}" "${rps[haproxy]}" | sort -n | head -n 1)
 report=$(
@@ -597,15 +604,16 @@ report=$(
 - CPUs: this machine has $cpus CPUs$cpu_note. The three proxies run side by side (each idle while another is measured), one worker each, pinned to CPU $PROXY_CPU (keel \`workers = 1\`, nginx \`worker_processes 1\`, HAProxy \`nbthread 1\`); the upstream (one nginx worker answering \`200 ok\`) and the load generator share CPU $LOAD_CPU, so every row, the direct one included, is also bounded by that CPU.
 - Proxies: HTTP/1.1 keep-alive to the client and to the upstream (nginx \`keepalive 64\`, HAProxy \`http-reuse always\`, keel's pool), nothing logged. keel's route has retries (3 attempts, 1s per try, on connect-failure and 5xx) and a circuit breaker (defaults); metrics are always on.
 - Rounds: $ROUNDS; in each, every target is measured in turn (the order rotates by one each round); the table shows the median of the rounds, the details every round's throughput.
-- Throughput: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s\` (closed loop, after ${WARMUP}s of warm-up), with wrk's p99 at that saturation and the proxy's CPU seconds (user + system) during it. p50/p99: the open-loop \`loadgen\` (crates/keel-proxy/examples/loadgen.rs) at $RATE req/s for ${DURATION}s over $CONNECTIONS connections, each latency from its request's intended send time. Peak RSS: VmHWM after both runs (nginx: its worker's).
+- Throughput: \`wrk -t1 -c$CONNECTIONS -d${DURATION}s\` (closed loop, after ${WARMUP}s of warm-up), with wrk's p99 at that saturation and the proxy's CPU seconds (user + system) during it; requests per CPU second divides the two (time stolen from this virtual machine moves it less than throughput). p50/p99: the open-loop \`loadgen\` (crates/keel-proxy/examples/loadgen.rs) at $RATE req/s for ${DURATION}s over $CONNECTIONS connections, each latency from its request's intended send time. Peak RSS: VmHWM after both runs (nginx: its worker's).
 
-| target | throughput (req/s) | × HAProxy | p50 ms @ $RATE/s | p99 ms @ $RATE/s | wrk p99 ms (saturated) | CPU s (wrk run) | peak RSS MiB |
-|---|---:|---:|---:|---:|---:|---:|---:|
+| target | throughput (req/s) | × HAProxy | req per CPU s | × HAProxy | p50 ms @ $RATE/s | p99 ms @ $RATE/s | wrk p99 ms (saturated) | CPU s (wrk run) | peak RSS MiB |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 EOF
     for name in keel nginx haproxy direct; do
         label=$name
         [ "$name" = direct ] && label="direct (no proxy)"
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "${rps[$name]}" "$(ratio "${rps[$name]}")" \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "${rps[$name]}" "$(ratio "${rps[$name]}")" \
+            "${eff[$name]}" "$(eff_ratio "${eff[$name]}")" \
             "${p50[$name]}" "${p99[$name]}" "${wrk_p99[$name]}" "${cpu_s[$name]}" "${rss_mib[$name]}"
     done
     echo
