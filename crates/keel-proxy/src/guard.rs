@@ -94,7 +94,11 @@ pub(crate) async fn until_idle<F: Future>(
             if armed && !deadline.is_elapsed() {
                 return Poll::Pending;
             }
-            if deadline.as_mut().poll(cx).is_pending() {
+            // Outside the task's cooperative budget: a poll the budget
+            // turned away would register no waker, and the deadline would
+            // then pass unheard.
+            let polled = std::pin::pin!(tokio::task::unconstrained(deadline.as_mut())).poll(cx);
+            if polled.is_pending() {
                 armed = true;
                 return Poll::Pending;
             }
@@ -200,6 +204,37 @@ mod tests {
         };
         assert!(until_idle(client, &waiting, T).await.is_none());
         assert_eq!(start.elapsed(), Duration::from_secs(110));
+    }
+
+    /// The connection spends its task's cooperative budget (128 units a
+    /// poll) down to nothing, or nearly, on its first poll: the deadline
+    /// must be registered all the same (a budget-limited poll of a new
+    /// timer registers nothing, and it would never fire).
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_first_polled_with_the_budget_spent_still_fires() {
+        for spent in 120..=128 {
+            let waiting = Waiting::new();
+            let start = Instant::now();
+            let mut first = true;
+            let connection = std::future::poll_fn(move |cx| {
+                if std::mem::take(&mut first) {
+                    for _ in 0..spent {
+                        let _ = std::pin::pin!(tokio::task::consume_budget()).poll(cx);
+                    }
+                }
+                Poll::<()>::Pending
+            });
+            let out = tokio::time::timeout(
+                Duration::from_secs(1000),
+                until_idle(connection, &waiting, T),
+            )
+            .await;
+            assert!(
+                matches!(out, Ok(None)),
+                "spent {spent}: the connection was not closed"
+            );
+            assert_eq!(start.elapsed(), T, "spent {spent}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
