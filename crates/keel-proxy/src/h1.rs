@@ -20,7 +20,7 @@
 use std::future::Future as _;
 use std::io;
 use std::mem::MaybeUninit;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -117,11 +117,13 @@ impl Conn {
     }
 
     /// Whether an idle connection can carry a request: nothing arrived on
-    /// it since its last response (an upstream closing it makes it readable).
-    /// Reads the runtime's readiness, with no system call.
+    /// it since its last response (an upstream closing it makes it
+    /// readable). `try_read` reads the runtime's readiness first, so there
+    /// is no system call while nothing arrived, and unlike a poll it is not
+    /// turned away when the task's cooperative budget is spent.
     pub(crate) fn is_usable(&self) -> bool {
-        let mut cx = Context::from_waker(noop_waker());
-        self.read.is_empty() && self.io.poll_read_ready(&mut cx).is_pending()
+        self.read.is_empty()
+            && matches!(self.io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Whether the connection may go back to the pool after a response
@@ -305,8 +307,9 @@ pub(crate) fn parse_head(read: &mut BytesMut, method: &Method) -> io::Result<Opt
         if read.is_empty() {
             return Ok(None);
         }
-        // Name and value of each field as offsets into `read` (which holds
-        // at most MAX_HEAD bytes here, so they fit in 16 bits).
+        // Name and value of each field as offsets into `read`: they lie in
+        // the head, which is checked to be at most MAX_HEAD bytes before
+        // any is taken, so they fit in 16 bits.
         let mut fields = [[0u16; 4]; MAX_HEADERS];
         let (len, code, version, count) =
             {
@@ -566,16 +569,6 @@ fn chunk_size(line: &[u8]) -> io::Result<u64> {
             .ok_or_else(|| invalid("a chunk size is not hexadecimal"))?;
         Ok(n * 16 + u64::from(v))
     })
-}
-
-/// A waker that does nothing, for reading readiness without waiting.
-fn noop_waker() -> &'static Waker {
-    struct Noop;
-    impl std::task::Wake for Noop {
-        fn wake(self: std::sync::Arc<Self>) {}
-    }
-    static WAKER: std::sync::OnceLock<Waker> = std::sync::OnceLock::new();
-    WAKER.get_or_init(|| Waker::from(std::sync::Arc::new(Noop)))
 }
 
 #[cfg(test)]
@@ -848,6 +841,17 @@ mod tests {
         drop(server);
         conn.io.readable().await.unwrap();
         assert!(!conn.is_usable());
+        // Also with the task's cooperative budget spent, which turns polls
+        // of readiness away.
+        std::future::poll_fn(|cx| {
+            while std::pin::pin!(tokio::task::consume_budget())
+                .poll(cx)
+                .is_ready()
+            {}
+            assert!(!conn.is_usable());
+            Poll::Ready(())
+        })
+        .await;
     }
 
     #[tokio::test]
