@@ -97,6 +97,31 @@ pub(crate) struct Head {
     pub(crate) keep_alive: bool,
 }
 
+/// Why an exchange failed.
+#[derive(Debug)]
+pub(crate) enum ExchangeError {
+    /// The client's request body failed or ended short of its length: not
+    /// the upstream's doing.
+    RequestBody(io::Error),
+    /// The connection, or the upstream's answer.
+    Io(io::Error),
+}
+
+impl From<io::Error> for ExchangeError {
+    fn from(e: io::Error) -> ExchangeError {
+        ExchangeError::Io(e)
+    }
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExchangeError::RequestBody(e) => write!(f, "the client's request body: {e}"),
+            ExchangeError::Io(e) => e.fmt(f),
+        }
+    }
+}
+
 /// One kept-alive HTTP/1.1 connection to an upstream endpoint.
 #[derive(Debug)]
 pub(crate) struct Conn {
@@ -141,10 +166,10 @@ impl Conn {
         headers: &HeaderMap,
         host: &str,
         body: RequestBody,
-    ) -> io::Result<Head> {
+    ) -> Result<Head, ExchangeError> {
         self.write_request(method, target, headers, host, body)
             .await?;
-        self.read_head(method).await
+        Ok(self.read_head(method).await?)
     }
 
     async fn write_request(
@@ -154,7 +179,7 @@ impl Conn {
         headers: &HeaderMap,
         host: &str,
         body: RequestBody,
-    ) -> io::Result<()> {
+    ) -> Result<(), ExchangeError> {
         let w = &mut self.write;
         w.clear();
         w.extend_from_slice(method.as_str().as_bytes());
@@ -190,11 +215,12 @@ impl Conn {
                 w.extend_from_slice(b"\r\n");
                 if bytes.len() <= INLINE_BODY {
                     w.extend_from_slice(&bytes);
-                    self.io.write_all(&self.write).await
+                    self.io.write_all(&self.write).await?;
                 } else {
                     self.io.write_all(&self.write).await?;
-                    self.io.write_all(&bytes).await
+                    self.io.write_all(&bytes).await?;
                 }
+                Ok(())
             }
             RequestBody::Streaming(body) => self.stream_body(body).await,
         }
@@ -202,7 +228,7 @@ impl Conn {
 
     /// A body as it arrives: with its length when that is known, else
     /// chunked. Its trailers are dropped.
-    async fn stream_body(&mut self, mut body: Incoming) -> io::Result<()> {
+    async fn stream_body(&mut self, mut body: Incoming) -> Result<(), ExchangeError> {
         let length = body.size_hint().exact();
         match length {
             Some(n) => write_length(&mut self.write, n),
@@ -214,7 +240,7 @@ impl Conn {
         self.io.write_all(&self.write).await?;
         let mut sent = 0u64;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(io::Error::other)?;
+            let frame = frame.map_err(|e| ExchangeError::RequestBody(io::Error::other(e)))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
@@ -234,12 +260,12 @@ impl Conn {
             }
         }
         match length {
-            Some(n) if n != sent => Err(io::Error::new(
+            Some(n) if n != sent => Err(ExchangeError::RequestBody(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "the request body ended before its length",
-            )),
+                "it ended before its length",
+            ))),
             Some(_) => Ok(()),
-            None => self.io.write_all(b"0\r\n\r\n").await,
+            None => Ok(self.io.write_all(b"0\r\n\r\n").await?),
         }
     }
 

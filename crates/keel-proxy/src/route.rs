@@ -840,11 +840,13 @@ impl Route {
             None => self.send(parts, body).await,
         };
         if let Some(permit) = permit {
-            let failed = match &result {
-                Ok(response) => response.status().is_server_error(),
-                Err(f) => f.is_upstream_failure(),
-            };
-            permit.record(outcome(failed));
+            permit.record(match &result {
+                Ok(response) => outcome(response.status().is_server_error()),
+                // The client's body failed: nothing to hold against the
+                // dependency, nor to credit it with.
+                Err(Failure::BadBody) => Outcome::Ignore,
+                Err(f) => outcome(f.is_upstream_failure()),
+            });
         }
         result
     }
@@ -865,13 +867,16 @@ impl Route {
         }
         let picked = self.upstream.pick().ok_or(Failure::Connect)?;
         let result = self.upstream.send(picked.endpoint, parts, body).await;
-        picked.done(match &result {
-            Ok(response) => response.status().is_server_error(),
-            Err(_) => true,
-        });
+        match &result {
+            Ok(response) => picked.done(response.status().is_server_error()),
+            // The client's body failed: outlier detection hears nothing.
+            Err(SendError::RequestBody) => drop(picked),
+            Err(_) => picked.done(true),
+        }
         result.map_err(|e| match e {
             SendError::Connect => Failure::Connect,
             SendError::Reset => Failure::Reset,
+            SendError::RequestBody => Failure::BadBody,
         })
     }
 }

@@ -23,7 +23,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use metrics::{Counter, Gauge};
 
 use crate::config;
-use crate::h1::{Conn, Framing, Step};
+use crate::h1::{Conn, ExchangeError, Framing, Step};
 
 pub(crate) use crate::h1::RequestBody as UpstreamBody;
 
@@ -37,6 +37,9 @@ pub(crate) enum SendError {
     Connect,
     /// The connection failed after the request was (maybe) sent.
     Reset,
+    /// The client's request body failed or ended short: the upstream is
+    /// not to blame.
+    RequestBody,
 }
 
 /// One upstream and its endpoints.
@@ -207,7 +210,10 @@ impl Upstream {
             .await
             .map_err(|e| {
                 tracing::debug!(upstream = %self.name, endpoint = %endpoint.address, error = %e, "upstream exchange failed");
-                SendError::Reset
+                match e {
+                    ExchangeError::RequestBody(_) => SendError::RequestBody,
+                    ExchangeError::Io(_) => SendError::Reset,
+                }
             })?;
         let mut response = http::Response::new(PooledBody {
             prefix: None,

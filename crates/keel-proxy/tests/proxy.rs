@@ -905,6 +905,27 @@ async fn malformed_requests_get_4xx_and_the_proxy_stays_up() {
 }
 
 #[tokio::test]
+async fn a_broken_request_body_is_the_clients_fault_not_the_upstreams() {
+    let stub = Stub::start().await;
+    stub.behave(|_, _| Reply::ok("ok\n"));
+    let keel = Keel::start(&web(
+        &stub,
+        "[routes.circuit_breaker]\nconsecutive_failures = 1\n",
+    ))
+    .await;
+    // A chunked upload whose chunk size is not hexadecimal.
+    let answer = raw(
+        keel.listen,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+    )
+    .await;
+    assert!(!answer.contains(" 502 "), "{answer}");
+    // The breaker (one failure trips it) did not hear of it.
+    let r = keel.get("/").await;
+    assert_eq!((r.status, r.reason()), (200, None));
+}
+
+#[tokio::test]
 async fn slow_and_idle_clients_are_closed_at_the_request_head_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stub = Stub::start().await;
