@@ -18,7 +18,7 @@
 //! (keel does not proxy upgrades).
 
 use std::future::Future as _;
-use std::io;
+use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::task::{Context, Poll};
 
@@ -251,12 +251,20 @@ impl Conn {
             if length.is_some() {
                 self.io.write_all(&data).await?;
             } else {
-                self.write.clear();
-                self.write
-                    .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                self.io.write_all(&self.write).await?;
-                self.io.write_all(&data).await?;
-                self.io.write_all(b"\r\n").await?;
+                // The chunk's size line, and a small chunk with its CRLF,
+                // in one write.
+                let w = &mut self.write;
+                w.clear();
+                let _ = write!(w, "{:x}\r\n", data.len());
+                if data.len() <= INLINE_BODY {
+                    w.extend_from_slice(&data);
+                    w.extend_from_slice(b"\r\n");
+                    self.io.write_all(&self.write).await?;
+                } else {
+                    self.io.write_all(&self.write).await?;
+                    self.io.write_all(&data).await?;
+                    self.io.write_all(b"\r\n").await?;
+                }
             }
         }
         match length {
@@ -303,9 +311,8 @@ impl Conn {
 }
 
 fn write_length(w: &mut Vec<u8>, n: u64) {
-    w.extend_from_slice(b"content-length: ");
-    w.extend_from_slice(n.to_string().as_bytes());
-    w.extend_from_slice(b"\r\n");
+    // Formatted into the buffer itself: no string per request.
+    let _ = write!(w, "content-length: {n}\r\n");
 }
 
 /// Methods whose requests announce a body even when it is empty.

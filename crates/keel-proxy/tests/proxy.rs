@@ -66,6 +66,15 @@ async fn proxies_the_path_unchanged_to_the_longest_matching_route() {
         ("POST", &b"{\"n\":1}"[..])
     );
 
+    // A chunked upload of unknown length goes up chunked, whole.
+    let answer = raw(keel.listen, b"POST /api/upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let hit = a.hits().pop().unwrap();
+    assert_eq!(
+        (hit.path.as_str(), &hit.body[..]),
+        ("/api/upload", &b"hello world"[..])
+    );
+
     let r = keel.get("/elsewhere").await;
     assert_eq!((r.status, r.reason()), (404, Some("no-route")));
 
