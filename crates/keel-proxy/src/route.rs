@@ -28,10 +28,11 @@ use keel::shed::{LoadShedder, Priority};
 use keel::timeout::Timeout;
 
 use crate::config::{self, Condition, RateKey};
+use crate::h1::RequestBody;
 use crate::idempotency;
 use crate::metrics::RouteMetrics;
 use crate::store::Stores;
-use crate::upstream::{PooledBody, SendError, Upstream, UpstreamBody};
+use crate::upstream::{PooledBody, SendError, Upstream};
 
 /// A response on its way to the client: the upstream's, streamed, or one
 /// keel wrote.
@@ -654,7 +655,7 @@ impl Route {
             }
         }
         let response = self
-            .proxied(parts, UpstreamBody::Streaming(body), idempotent)
+            .proxied(parts, RequestBody::Streaming(body), idempotent)
             .await?;
         Ok(relay(response))
     }
@@ -664,7 +665,7 @@ impl Route {
     async fn proxied(
         &self,
         parts: Parts,
-        body: UpstreamBody,
+        body: RequestBody,
         idempotent: bool,
     ) -> Result<Response<PooledBody>, Failure> {
         let response = self
@@ -716,7 +717,7 @@ impl Route {
             }
             Ok(Begun::Unprotected) => {
                 let response = self
-                    .proxied(parts, UpstreamBody::Buffered(body), true)
+                    .proxied(parts, RequestBody::Buffered(body), true)
                     .await?;
                 return Ok(relay(response));
             }
@@ -725,7 +726,7 @@ impl Route {
             Err(_) => return Err(Failure::Timeout),
         };
         let response = match claim
-            .run(self.proxied(parts, UpstreamBody::Buffered(body), true))
+            .run(self.proxied(parts, RequestBody::Buffered(body), true))
             .await
         {
             Ok(response) if !response.status().is_server_error() => response,
@@ -767,7 +768,7 @@ impl Route {
     async fn admitted(
         &self,
         parts: Parts,
-        body: UpstreamBody,
+        body: RequestBody,
         idempotent: bool,
     ) -> Result<Response<PooledBody>, Failure> {
         let _seat = match &self.bulkhead {
@@ -783,11 +784,11 @@ impl Route {
             return self.attempt(&parts, body).await;
         };
         let body = match body {
-            UpstreamBody::Buffered(bytes) => bytes,
-            UpstreamBody::Streaming(body) => match replayable(body).await {
+            RequestBody::Buffered(bytes) => bytes,
+            RequestBody::Streaming(body) => match replayable(body).await {
                 Replayable::Yes(bytes) => bytes,
                 Replayable::No(body) => {
-                    return self.attempt(&parts, UpstreamBody::Streaming(body)).await
+                    return self.attempt(&parts, RequestBody::Streaming(body)).await
                 }
                 Replayable::Unreadable => return Err(Failure::BadBody),
             },
@@ -815,7 +816,7 @@ impl Route {
         };
         retry
             .call_classified(&classify, || {
-                self.attempt(&parts, UpstreamBody::Buffered(body.clone()))
+                self.attempt(&parts, RequestBody::Buffered(body.clone()))
             })
             .await
             .map_err(lower)
@@ -825,7 +826,7 @@ impl Route {
     async fn attempt(
         &self,
         parts: &Parts,
-        body: UpstreamBody,
+        body: RequestBody,
     ) -> Result<Response<PooledBody>, Failure> {
         let permit = match &self.breaker {
             Some(breaker) => Some(
@@ -854,7 +855,7 @@ impl Route {
     async fn send(
         &self,
         parts: &Parts,
-        body: UpstreamBody,
+        body: RequestBody,
     ) -> Result<Response<PooledBody>, Failure> {
         if let Some(fault) = &self.fault {
             let injection = fault.chaos.decide();

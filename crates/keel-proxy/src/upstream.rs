@@ -23,9 +23,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use metrics::{Counter, Gauge};
 
 use crate::config;
-use crate::h1::{Conn, ExchangeError, Framing, Step};
-
-pub(crate) use crate::h1::RequestBody as UpstreamBody;
+use crate::h1::{Conn, ExchangeError, Framing, RequestBody, Step};
 
 /// Idle connections kept per endpoint at most.
 const MAX_IDLE_PER_ENDPOINT: usize = 512;
@@ -195,7 +193,7 @@ impl Upstream {
         &self,
         endpoint: &Endpoint,
         parts: &http::request::Parts,
-        body: UpstreamBody,
+        body: RequestBody,
     ) -> Result<http::Response<PooledBody>, SendError> {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut conn = self.connection(endpoint).await?;
@@ -485,7 +483,7 @@ async fn health_check(upstream: Weak<Upstream>, i: usize, hc: config::HealthChec
         let endpoint = &up.endpoints[i];
         // Read to the end, so that the connection is kept for the next one.
         let check = async {
-            let body = UpstreamBody::Buffered(Bytes::new());
+            let body = RequestBody::Buffered(Bytes::new());
             let response = up.send(endpoint, &request, body).await.ok()?;
             let ok = response.status().is_success();
             http_body_util::BodyExt::collect(response.into_body())
