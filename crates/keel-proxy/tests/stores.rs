@@ -332,8 +332,11 @@ async fn a_proxy_killed_holding_a_key_lets_another_take_it_after_lock_timeout() 
     })
     .await;
     assert!(reached.is_some(), "the first request reached the upstream");
-    a.child.kill().await.unwrap();
+    // Taken before the kill, which returns only once the holder is dead
+    // (a load can stretch that): the bound below counts from no later
+    // than its last renewal.
     let killed_at = Instant::now();
+    a.child.kill().await.unwrap();
     assert!(
         doomed.await.unwrap().is_err(),
         "its client lost the connection"
