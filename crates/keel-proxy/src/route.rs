@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use keel::bulkhead::Bulkhead;
 use keel::chaos::Chaos;
@@ -696,10 +696,18 @@ impl Route {
             Ok(k) if !k.is_empty() && k.len() <= 256 => format!("{}:{k}", self.name),
             _ => return Err(Failure::BadKey),
         };
-        let body = match replayable(body).await {
-            Replayable::Yes(bytes) => bytes,
-            Replayable::No(_) => return Err(Failure::TooLarge),
-            Replayable::Unreadable => return Err(Failure::BadBody),
+        // Read whole to be fingerprinted, whether its length is announced
+        // or it comes chunked.
+        if body.size_hint().lower() > MAX_REPLAYABLE_BODY {
+            return Err(Failure::TooLarge);
+        }
+        let body = match Limited::new(body, MAX_REPLAYABLE_BODY as usize)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => return Err(Failure::TooLarge),
+            Err(_) => return Err(Failure::BadBody),
         };
         let fingerprint = idempotency::fingerprint(&parts.method, &parts.uri, &body);
         let claim = match once.executor.begin(&key, &fingerprint).await {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis_server::RedisServer;
-use support::{eventually, upstream, Answer, Keel, Reply, Stub};
+use support::{eventually, raw, upstream, Answer, Keel, Reply, Stub};
 
 const KEY: &str = "idempotency-key";
 
@@ -156,6 +156,15 @@ async fn bad_keys_and_large_bodies_get_4xx_and_large_responses_pass_unstored() {
     // not to reuse it (else its next request races the close).
     assert_eq!(too_large.header("connection"), Some("close"));
     assert_eq!(stub.count(), 0, "neither reached the upstream");
+    // A small body sent chunked (its length unannounced) is read whole and
+    // fingerprinted like any other.
+    let chunked = raw(
+        keel.listen,
+        b"POST /pay/1 HTTP/1.1\r\nhost: x\r\nidempotency-key: chunked\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
+    assert_eq!(stub.count(), 1);
 
     // A response over max_body is passed through whole, and not stored:
     // the duplicate runs again.
@@ -167,7 +176,7 @@ async fn bad_keys_and_large_bodies_get_4xx_and_large_responses_pass_unstored() {
         assert_eq!((a.status, a.body.len()), (200, big_answer.len()));
         assert_eq!(a.header("x-keel-idempotent-replay"), None);
     }
-    assert_eq!(stub.count(), 2);
+    assert_eq!(stub.count(), 3);
 }
 
 #[tokio::test]
