@@ -16,6 +16,7 @@ pub mod demo;
 mod guard;
 mod h1;
 mod idempotency;
+mod linger;
 mod metrics;
 mod proxy;
 mod route;

@@ -20,6 +20,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::guard::{until_idle, Tracked, Waiting};
+use crate::linger::Lingering;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Table};
 use crate::route::Peer;
@@ -149,7 +150,7 @@ fn connection(
         .max_header_size(MAX_HEAD_BYTES)
         // Head and small bodies in one buffer, one send.
         .writev(false)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(Lingering::new(stream)), service);
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         match until_idle(connection, &waiting, head_timeout).await {
