@@ -16,6 +16,7 @@ use std::time::Duration;
 use keel::bulkhead::BulkheadConfig;
 use keel::circuit_breaker::CircuitBreakerConfig;
 use keel::config::format_duration;
+use keel::idempotency::OnUnknown;
 use keel::retry::{BackoffConfig, BudgetConfig, RetryConfig};
 use keel::shed::Priority;
 use keel::store::FailMode;
@@ -97,6 +98,9 @@ pub struct Store {
     /// (default 250ms).
     #[serde(with = "keel::config::duration")]
     pub timeout: Duration,
+    /// The most the memory store's records may take, keys, heads and
+    /// bodies counted (`kind = "memory"`; default 64MiB).
+    pub max_bytes: Option<ByteSize>,
 }
 
 impl Default for Store {
@@ -107,6 +111,7 @@ impl Default for Store {
             url: None,
             key_prefix: "keel:".into(),
             timeout: Duration::from_millis(250),
+            max_bytes: None,
         }
     }
 }
@@ -120,6 +125,11 @@ impl Store {
     /// The Redis store's URL.
     pub fn url(&self) -> &str {
         self.url.as_deref().unwrap_or("redis://127.0.0.1:6379/")
+    }
+
+    /// The memory store's bound.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.map_or(64 << 20, |b| b.0)
     }
 }
 
@@ -296,6 +306,25 @@ pub struct RouteIdempotency {
     /// What a failed store does: `fail_closed` (default: 503, the request
     /// does not run) or `fail_open` (it runs unprotected).
     pub on_store_error: FailMode,
+    /// How long a keyed request that reached the upstream may run,
+    /// whatever its client does (default: 60s, or the route's timeout if
+    /// longer; at least the route's timeout).
+    #[serde(with = "keel::config::optional_duration")]
+    pub execution_timeout: Option<Duration>,
+    /// Request headers whose values (hashed) bind a record to a principal
+    /// (default `["authorization"]`; `[]`: the key alone).
+    pub scope: Vec<String>,
+    /// What an ambiguous end (no response after the request was written)
+    /// does to the key: `conflict` (default) keeps it, `release` frees it.
+    pub on_unknown: OnUnknown,
+}
+
+impl RouteIdempotency {
+    /// How long a keyed request may run once it reached the upstream.
+    pub fn execution_timeout(&self, route_timeout: Duration) -> Duration {
+        self.execution_timeout
+            .unwrap_or_else(|| route_timeout.max(Duration::from_secs(60)))
+    }
 }
 
 impl Default for RouteIdempotency {
@@ -306,6 +335,9 @@ impl Default for RouteIdempotency {
             lock_timeout: Duration::from_secs(30),
             max_body: ByteSize(1 << 20),
             on_store_error: FailMode::FailClosed,
+            execution_timeout: None,
+            scope: vec!["authorization".into()],
+            on_unknown: OnUnknown::Conflict,
         }
     }
 }
@@ -846,6 +878,25 @@ impl Config {
                 }
                 positive(&mut err, format!("{at}.ttl"), idem.ttl);
                 positive(&mut err, format!("{at}.lock_timeout"), idem.lock_timeout);
+                if let Some(execution) = idem.execution_timeout {
+                    if execution < route.timeout {
+                        err(
+                            format!("{at}.execution_timeout"),
+                            format!(
+                                "is shorter than the route's timeout ({}): a keyed request that reached the upstream must be allowed at least as long as its client waits",
+                                format_duration(route.timeout)
+                            ),
+                        );
+                    }
+                }
+                for (j, name) in idem.scope.iter().enumerate() {
+                    if !is_token(name) {
+                        err(
+                            format!("{at}.scope[{j}]"),
+                            format!("\"{name}\" is not a header name"),
+                        );
+                    }
+                }
             }
             if let Some(fb) = &route.fallback {
                 let at = format!("{at}.fallback");
@@ -899,6 +950,16 @@ impl Config {
             err("store.path".into(), "must not be empty".into());
         }
         positive(&mut err, "store.timeout".into(), store.timeout);
+        match store.max_bytes {
+            Some(_) if store.kind != StoreKind::Memory => err(
+                "store.max_bytes".into(),
+                "is for kind = \"memory\" (the embedded store's file and Redis's maxmemory bound the others)".into(),
+            ),
+            Some(ByteSize(n)) if n < 64 << 10 => {
+                err("store.max_bytes".into(), "must be at least 64KiB".into());
+            }
+            _ => {}
+        }
         if let Some(shed) = &self.load_shed {
             if shed.max_in_flight == 0 {
                 err(

@@ -21,7 +21,7 @@ use keel::bulkhead::Bulkhead;
 use keel::chaos::Chaos;
 use keel::circuit_breaker::CircuitBreaker;
 use keel::classify::{Outcome, Verdict};
-use keel::idempotency::{Begun, Idempotency};
+use keel::idempotency::{scoped_key, Begun, Claim, Idempotency, Settled};
 use keel::rate_limit::{KeyedRateLimiter, RateLimiter, Refused, SharedRateLimiter};
 use keel::retry::Retry;
 use keel::shed::{LoadShedder, Priority};
@@ -32,7 +32,7 @@ use crate::h1::RequestBody;
 use crate::idempotency;
 use crate::metrics::RouteMetrics;
 use crate::store::Stores;
-use crate::upstream::{PooledBody, SendError, Upstream};
+use crate::upstream::{PooledBody, SendError, Upstream, Written};
 
 /// A response on its way to the client: the upstream's, streamed, or one
 /// keel wrote.
@@ -41,6 +41,60 @@ pub(crate) type ResponseBody = Either<PooledBody, Full<Bytes>>;
 /// Request bodies up to this size are buffered so that a retry can send
 /// them again; larger or unsized ones stream through in one attempt.
 const MAX_REPLAYABLE_BODY: u64 = 1 << 20;
+
+/// Keyed requests' executions still running, detached from their clients:
+/// shutdown waits for them (up to `server.shutdown_timeout`), since one cut
+/// off leaves its key held with its outcome unknown.
+static EXECUTIONS: Executions = Executions {
+    running: std::sync::atomic::AtomicUsize::new(0),
+    idle: tokio::sync::Notify::const_new(),
+};
+
+struct Executions {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One execution, counted while it lives.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        EXECUTIONS
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if EXECUTIONS
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            EXECUTIONS.idle.notify_waiters();
+        }
+    }
+}
+
+/// Resolves when no keyed request's execution is running.
+pub(crate) async fn executions_finished() {
+    loop {
+        let idle = EXECUTIONS.idle.notified();
+        let mut idle = std::pin::pin!(idle);
+        idle.as_mut().enable();
+        if EXECUTIONS
+            .running
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 0
+        {
+            return;
+        }
+        idle.await;
+    }
+}
 
 /// Keys a keyed rate limit remembers at most.
 const MAX_RATE_KEYS: usize = 100_000;
@@ -99,6 +153,16 @@ pub(crate) enum Failure {
     BadKey,
     /// An idempotency key reused for another request.
     KeyMismatch,
+    /// A duplicate waited out its timeout while the first with its key
+    /// still ran.
+    InProgress(Duration),
+    /// The first with this key reached the upstream and ended without an
+    /// answer; the key is kept.
+    OutcomeUnknown,
+    /// The first with this key ran; its answer was too large to keep.
+    NotReplayable,
+    /// The memory store is full of requests still running.
+    StoreFull,
     /// The store failed and the policy fails closed.
     StoreUnavailable,
     /// No route matched.
@@ -120,6 +184,10 @@ impl Failure {
             Failure::BadBody | Failure::BadKey => "bad-request",
             Failure::TooLarge => "body-too-large",
             Failure::KeyMismatch => "idempotency-key-mismatch",
+            Failure::InProgress(_) => "idempotency-in-progress",
+            Failure::OutcomeUnknown => "idempotency-outcome-unknown",
+            Failure::NotReplayable => "idempotency-not-replayable",
+            Failure::StoreFull => "store-full",
             Failure::StoreUnavailable => "store-unavailable",
             Failure::NoRoute => "no-route",
         }
@@ -135,7 +203,11 @@ impl Failure {
             Failure::CircuitOpen(_)
             | Failure::BulkheadFull
             | Failure::Shed
-            | Failure::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | Failure::StoreUnavailable
+            | Failure::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::InProgress(_) | Failure::OutcomeUnknown | Failure::NotReplayable => {
+                StatusCode::CONFLICT
+            }
             Failure::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Failure::BadBody | Failure::BadKey => StatusCode::BAD_REQUEST,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -146,7 +218,8 @@ impl Failure {
 
     fn retry_after(self) -> Option<Duration> {
         match self {
-            Failure::CircuitOpen(d) | Failure::RateLimited(d) => Some(d),
+            Failure::CircuitOpen(d) | Failure::RateLimited(d) | Failure::InProgress(d) => Some(d),
+            Failure::StoreFull => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -190,6 +263,18 @@ impl Failure {
             ),
             Failure::StoreUnavailable => format!(
                 "route \"{route}\": the state store is unavailable; the request did not run"
+            ),
+            Failure::InProgress(_) => format!(
+                "route \"{route}\": a request with this idempotency key is still running; ask again later for its response"
+            ),
+            Failure::OutcomeUnknown => format!(
+                "route \"{route}\": the first request with this idempotency key reached the upstream and ended without an answer; it may have acted, so the key is kept until it expires"
+            ),
+            Failure::NotReplayable => format!(
+                "route \"{route}\": the first request with this idempotency key ran, but its response was too large to keep; it cannot be replayed"
+            ),
+            Failure::StoreFull => format!(
+                "route \"{route}\": the idempotency store is full of requests still running; the request did not run"
             ),
             Failure::NoRoute => "no route matches this path".to_owned(),
         }
@@ -309,6 +394,10 @@ impl Conditions {
             | Failure::TooLarge
             | Failure::BadKey
             | Failure::KeyMismatch
+            | Failure::InProgress(_)
+            | Failure::OutcomeUnknown
+            | Failure::NotReplayable
+            | Failure::StoreFull
             | Failure::StoreUnavailable
             | Failure::NoRoute => false,
         }
@@ -317,7 +406,7 @@ impl Conditions {
 
 enum Limiter {
     Global(RateLimiter),
-    Keyed(Box<KeyedRateLimiter<Vec<u8>>>, KeyBy),
+    Keyed(Box<KeyedRateLimiter<[u8; 16]>>, KeyBy),
     /// Counted in the shared store, by every instance.
     Shared(Box<SharedRateLimiter>, KeyBy),
 }
@@ -330,17 +419,25 @@ enum KeyBy {
 }
 
 impl KeyBy {
-    fn key(&self, headers: &HeaderMap, peer: &Peer) -> Vec<u8> {
+    /// The key, a fixed 16 bytes whatever the client sent: an IP as
+    /// itself (v4 mapped to v6), a header's value as the first half of its
+    /// SHA-256 (stable, so instances sharing a Redis count alike, and a
+    /// client cannot grow a limiter's memory with long values).
+    fn key(&self, headers: &HeaderMap, peer: &Peer) -> [u8; 16] {
         match self {
-            KeyBy::All => Vec::new(),
+            KeyBy::All => [0; 16],
             KeyBy::Ip => match peer.addr.ip() {
-                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+                std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(ip) => ip.octets(),
             },
-            KeyBy::Header(name) => headers
-                .get(name)
-                .map(|v| v.as_bytes().to_vec())
-                .unwrap_or_default(),
+            KeyBy::Header(name) => {
+                use sha2::{Digest, Sha256};
+                let value = headers.get(name).map_or(&[][..], HeaderValue::as_bytes);
+                let digest = Sha256::digest(value);
+                let mut key = [0; 16];
+                key.copy_from_slice(&digest[..16]);
+                key
+            }
         }
     }
 }
@@ -367,6 +464,9 @@ struct Once {
     executor: Idempotency,
     header: HeaderName,
     max_body: u64,
+    /// Headers whose values bind a record to a principal.
+    scope: Vec<HeaderName>,
+    execution_timeout: Duration,
 }
 
 struct Fallback {
@@ -494,6 +594,8 @@ impl Route {
                     // A duplicate waits for the first up to the route's
                     // timeout.
                     .wait_timeout(config.timeout)
+                    .execution_timeout(idem.execution_timeout(config.timeout))
+                    .on_unknown(idem.on_unknown)
                     .on_store_error(idem.on_store_error)
                     .build()
                     .map_err(field("idempotency"))?,
@@ -501,6 +603,16 @@ impl Route {
                     keel::ConfigError::new("idempotency.header", "not a header name")
                 })?,
                 max_body: idem.max_body.0,
+                scope: idem
+                    .scope
+                    .iter()
+                    .map(|h| {
+                        HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                            keel::ConfigError::new("idempotency.scope", "not a header name")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                execution_timeout: idem.execution_timeout(config.timeout),
             }),
             None => None,
         };
@@ -596,7 +708,7 @@ impl Route {
 
     /// Serves one request and counts it.
     pub(crate) async fn serve(
-        &self,
+        self: &Arc<Self>,
         shed: Option<&LoadShedder>,
         request: Request<Incoming>,
         peer: &Peer,
@@ -630,7 +742,7 @@ impl Route {
     }
 
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         shed: Option<&LoadShedder>,
         request: Request<Incoming>,
         peer: &Peer,
@@ -647,12 +759,14 @@ impl Route {
         if let Some(limiter) = &self.limiter {
             limiter.check(&parts.headers, peer).await?;
         }
-        let idempotent = is_idempotent(&parts);
-        prepare_request(&mut parts, peer);
-        if let Some(once) = &self.once {
-            if let Some(key) = parts.headers.get(&once.header).cloned() {
-                return self.once(once, key, parts, body).await;
-            }
+        // keel's own headers are read before the hop-by-hop ones go (and
+        // are never taken for them).
+        let key_header = self.once.as_ref().map(|once| &once.header);
+        let idempotent = is_idempotent(&parts, key_header.unwrap_or(&IDEMPOTENCY_KEY));
+        let key = key_header.and_then(|h| parts.headers.get(h).cloned());
+        prepare_request(&mut parts, peer, key_header);
+        if let (Some(once), Some(key)) = (&self.once, key) {
+            return self.once(once, key, parts, body).await;
         }
         let response = self
             .proxied(parts, RequestBody::Streaming(body), idempotent)
@@ -682,20 +796,55 @@ impl Route {
         Ok(response)
     }
 
-    /// A request carrying an idempotency key: the first with its key runs
-    /// and a response below 500 is stored; duplicates wait for it or get
-    /// the stored response.
-    async fn once(
+    /// A fallback configured for this response's status replaces it.
+    fn substitute(
         &self,
+        response: Response<ResponseBody>,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        let status = response.status().as_u16();
+        match &self.fallback {
+            Some(fb) if fb.on.matches(Failure::Status(status)) => Err(Failure::Status(status)),
+            _ => Ok(response),
+        }
+    }
+
+    /// A request carrying an idempotency key. The first with its key (in
+    /// its scope) runs on a task of its own, detached from this client:
+    /// once written to the upstream it runs to its end, up to the
+    /// execution timeout, whether the client stays or the route's timeout
+    /// answers it first; [`Route::execute`] settles the key. Duplicates
+    /// wait for it, then get its stored response, or a 409 saying why
+    /// there is none.
+    async fn once(
+        self: &Arc<Self>,
         once: &Once,
         key: HeaderValue,
         parts: Parts,
         body: Incoming,
     ) -> Result<Response<ResponseBody>, Failure> {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
         let key = match key.to_str() {
-            Ok(k) if !k.is_empty() && k.len() <= 256 => format!("{}:{k}", self.name),
+            Ok(k) if !k.is_empty() && k.len() <= 256 => k,
             _ => return Err(Failure::BadKey),
         };
+        let scope: Vec<Vec<u8>> = once
+            .scope
+            .iter()
+            .map(|name| {
+                let mut joined = Vec::new();
+                for (i, value) in parts.headers.get_all(name).iter().enumerate() {
+                    if i > 0 {
+                        joined.extend_from_slice(b", ");
+                    }
+                    joined.extend_from_slice(value.as_bytes());
+                }
+                joined
+            })
+            .collect();
+        let record = scoped_key(
+            &format!("{}:{key}", self.name),
+            scope.iter().map(Vec::as_slice),
+        );
         // Read whole to be fingerprinted, whether its length is announced
         // or it comes chunked.
         if body.size_hint().lower() > MAX_REPLAYABLE_BODY {
@@ -710,7 +859,7 @@ impl Route {
             Err(_) => return Err(Failure::BadBody),
         };
         let fingerprint = idempotency::fingerprint(&parts.method, &parts.uri, &body);
-        let claim = match once.executor.begin(&key, &fingerprint).await {
+        let claim = match once.executor.begin(&record, &fingerprint).await {
             Ok(Begun::Run(claim)) => claim,
             Ok(Begun::Replay(stored)) => {
                 let (status, headers, body) =
@@ -721,7 +870,7 @@ impl Route {
                 response
                     .headers_mut()
                     .insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
-                return Ok(response);
+                return self.substitute(response);
             }
             Ok(Begun::Unprotected) => {
                 let response = self
@@ -731,45 +880,95 @@ impl Route {
             }
             Err(keel::Error::KeyMismatch) => return Err(Failure::KeyMismatch),
             Err(keel::Error::StoreUnavailable) => return Err(Failure::StoreUnavailable),
+            Err(keel::Error::StoreFull) => return Err(Failure::StoreFull),
+            Err(keel::Error::InProgress { retry_after }) => {
+                return Err(Failure::InProgress(retry_after))
+            }
+            Err(keel::Error::OutcomeUnknown) => return Err(Failure::OutcomeUnknown),
+            Err(keel::Error::NotReplayable) => return Err(Failure::NotReplayable),
             Err(_) => return Err(Failure::Timeout),
         };
-        let response = match claim
-            .run(self.proxied(parts, RequestBody::Buffered(body), true))
-            .await
-        {
-            Ok(response) if !response.status().is_server_error() => response,
-            // A 5xx or a failure did not (knowingly) act: the next try runs.
-            failed => {
-                claim.release().await;
-                return failed.map(relay);
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let route = self.clone();
+        let (limit, max_body) = (once.execution_timeout, once.max_body);
+        tokio::spawn(async move {
+            let running = Running::start();
+            let answer_now = route.execute(claim, limit, max_body, parts, body).await;
+            drop(running);
+            // The client may be gone: the outcome is kept all the same.
+            let _ = answer.send(answer_now);
+        });
+        match tokio::time::timeout_at(deadline, answered).await {
+            Ok(Ok(answer)) => self.substitute(answer?),
+            // The execution's task panicked.
+            Ok(Err(_)) => Err(Failure::Reset),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// One keyed request's execution, under `claim`, within `limit`: the
+    /// route's policies and the upstream, then the response body read for
+    /// storing. The one place its key's record is decided, from whether the
+    /// request was written and what came back:
+    ///
+    /// - a response, 429 and 503 aside ("did not act"), is stored, or, over
+    ///   `max_body`, passed through with the key kept as not replayable;
+    /// - no response, or a body cut short, after the request was written is
+    ///   unknown (`on_unknown` decides);
+    /// - keel's refusals before any write (no connection, an open breaker,
+    ///   a full bulkhead, an injected abort), and 429 and 503, release it.
+    async fn execute(
+        &self,
+        claim: Claim,
+        limit: Duration,
+        max_body: u64,
+        mut parts: Parts,
+        body: Bytes,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        let written = Written::default();
+        parts.extensions.insert(written.clone());
+        let exchange = async {
+            let response = match self
+                .admitted(parts, RequestBody::Buffered(body), true)
+                .await
+            {
+                Ok(response) => response,
+                Err(failure) => return (None, Err(failure)),
+            };
+            let status = response.status();
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
+            {
+                return (Some(Stored::Released), Ok(relay(response)));
+            }
+            let (mut head, body) = response.into_parts();
+            relay_head(&mut head);
+            match buffer(body, max_body).await {
+                Buffered::Whole(bytes) => {
+                    let value = idempotency::encode(head.status, &head.headers, &bytes);
+                    let response = Response::from_parts(head, Either::Right(Full::new(bytes)));
+                    (Some(Stored::Response(value)), Ok(response))
+                }
+                Buffered::TooLarge(body) => (
+                    Some(Stored::NotReplayable),
+                    Ok(Response::from_parts(head, Either::Left(body))),
+                ),
+                Buffered::Unreadable => (None, Err(Failure::Reset)),
             }
         };
-        let (mut parts, body) = response.into_parts();
-        relay_head(&mut parts);
-        // The body, read within the route's timeout: the key stays held
-        // (and renewed) while it is read.
-        let buffered = tokio::time::timeout(self.config.timeout, buffer(body, once.max_body));
-        match claim.run(buffered).await.unwrap_or(Buffered::TimedOut) {
-            Buffered::Whole(bytes) => {
-                claim
-                    .complete(&idempotency::encode(parts.status, &parts.headers, &bytes))
-                    .await;
-                Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
-            }
-            Buffered::TooLarge(body) => {
-                // Passed through, not stored: a duplicate runs again.
-                claim.release().await;
-                Ok(Response::from_parts(parts, Either::Left(body)))
-            }
-            Buffered::Unreadable => {
-                claim.release().await;
-                Err(Failure::Reset)
-            }
-            Buffered::TimedOut => {
-                claim.release().await;
-                Err(Failure::Timeout)
-            }
-        }
+        let (stored, answer) = match tokio::time::timeout(limit, claim.run(exchange)).await {
+            Ok(ended) => ended,
+            Err(_) => (None, Err(Failure::Timeout)),
+        };
+        let settled = match &stored {
+            Some(Stored::Response(value)) => Settled::Stored(value),
+            Some(Stored::NotReplayable) => Settled::NotReplayable,
+            Some(Stored::Released) => Settled::Released,
+            // No answer: whether the upstream may have acted decides.
+            None if written.get() => Settled::Unknown,
+            None => Settled::Released,
+        };
+        claim.settle(settled).await;
+        answer
     }
 
     /// Inside the total timeout: the bulkhead, then retry or one attempt.
@@ -925,12 +1124,13 @@ fn priority(headers: &HeaderMap, default: Priority) -> Priority {
     }
 }
 
-/// Safe to send twice: an idempotent method, or an `Idempotency-Key`.
-fn is_idempotent(parts: &Parts) -> bool {
+/// Safe to send twice: an idempotent method, or an idempotency key in
+/// `key_header` (the route's, else `Idempotency-Key`).
+fn is_idempotent(parts: &Parts, key_header: &HeaderName) -> bool {
     matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    ) || parts.headers.contains_key(IDEMPOTENCY_KEY)
+    ) || parts.headers.contains_key(key_header)
 }
 
 /// The upstream's response, as the client gets it: HTTP/1.1, without the
@@ -943,7 +1143,14 @@ fn relay(response: Response<PooledBody>) -> Response<ResponseBody> {
 
 fn relay_head(parts: &mut http::response::Parts) {
     parts.version = http::Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, None);
+}
+
+/// What an execution's end leaves for its key (`None`: no answer).
+enum Stored {
+    Response(Vec<u8>),
+    NotReplayable,
+    Released,
 }
 
 /// A response body read for storing.
@@ -952,7 +1159,6 @@ enum Buffered {
     /// Over the limit: what was read is put back in front of the rest.
     TooLarge(PooledBody),
     Unreadable,
-    TimedOut,
 }
 
 /// Reads `body` to its end if it holds at most `max` bytes (trailers are
@@ -1015,7 +1221,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// One pass over the names finds which are there first: most messages
 /// carry none of them, or only `Connection`, and comparing a name costs
 /// less than looking one up.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep: Option<&HeaderName>) {
     let mut present = 0u8;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
@@ -1042,6 +1248,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .flat_map(tokens)
             .collect();
         for name in named {
+            // `Connection` cannot take what keel routes and keys by.
+            if name == header::HOST || name == X_FORWARDED_FOR || Some(&name) == keep {
+                continue;
+            }
             headers.remove(name);
         }
     }
@@ -1052,12 +1262,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_request(parts: &mut Parts, peer: &Peer) {
+fn prepare_request(parts: &mut Parts, peer: &Peer, keep: Option<&HeaderName>) {
     // HTTP/1.1 to the upstream whatever the client spoke, and none of the
     // server side's request extensions.
     parts.version = http::Version::HTTP_11;
     parts.extensions = http::Extensions::new();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, keep);
     let earlier = parts
         .headers
         .get(&X_FORWARDED_FOR)
@@ -1145,7 +1355,7 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, None);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
     }
@@ -1159,12 +1369,12 @@ mod tests {
         for name in ["x-a", "x-b", "x-c"] {
             h.insert(name, HeaderValue::from_static("1"));
         }
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, None);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-c"]);
         let mut untouched = HeaderMap::new();
         untouched.insert(header::HOST, HeaderValue::from_static("a"));
         untouched.insert("x-close", HeaderValue::from_static("close"));
-        strip_hop_by_hop(&mut untouched);
+        strip_hop_by_hop(&mut untouched, None);
         assert_eq!(untouched.len(), 2);
     }
 }

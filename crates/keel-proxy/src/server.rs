@@ -110,7 +110,13 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
         ?timeout,
         "shutting down: no new connections; finishing requests in flight"
     );
-    match tokio::time::timeout(timeout, graceful.shutdown()).await {
+    // Keyed requests' executions may outlive their connections: they
+    // finish too, or their keys are left held with outcomes unknown.
+    let finished = async {
+        graceful.shutdown().await;
+        crate::route::executions_finished().await;
+    };
+    match tokio::time::timeout(timeout, finished).await {
         Ok(()) => tracing::info!("every request finished; bye"),
         Err(_) => tracing::warn!(
             ?timeout,

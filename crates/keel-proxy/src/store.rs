@@ -40,6 +40,11 @@ impl Stores {
             if old.config == *config {
                 return Ok(old.clone());
             }
+            if old.config.max_bytes != config.max_bytes {
+                tracing::warn!(
+                    "store.max_bytes takes effect on restart only: the records held now are kept"
+                );
+            }
             return Ok(Arc::new(Stores {
                 config: config.clone(),
                 idempotency: old.idempotency.clone(),
@@ -48,7 +53,12 @@ impl Stores {
         }
         let (idempotency, gcra): (Arc<dyn IdempotencyStore>, Option<Arc<dyn GcraStore>>) =
             match config.kind {
-                StoreKind::Memory => (Arc::new(MemoryStore::new()), None),
+                StoreKind::Memory => (
+                    Arc::new(MemoryStore::with_max_bytes(
+                        usize::try_from(config.max_bytes()).unwrap_or(usize::MAX),
+                    )),
+                    None,
+                ),
                 StoreKind::Embedded => {
                     let store = EmbeddedStore::open(config.path()).map_err(|e| FieldError {
                         path: "store.path".into(),

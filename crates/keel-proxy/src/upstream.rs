@@ -40,6 +40,18 @@ pub(crate) enum SendError {
     RequestBody,
 }
 
+/// Set, in a request's extensions, once an attempt has a connection and
+/// starts writing the request: from then on the upstream may have acted on
+/// it, whatever comes back.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Written(Arc<AtomicBool>);
+
+impl Written {
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// One upstream and its endpoints.
 pub(crate) struct Upstream {
     pub(crate) name: Arc<str>,
@@ -197,6 +209,9 @@ impl Upstream {
     ) -> Result<http::Response<PooledBody>, SendError> {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut conn = self.connection(endpoint).await?;
+        if let Some(written) = parts.extensions.get::<Written>() {
+            written.0.store(true, Ordering::Release);
+        }
         let head = conn
             .exchange(
                 &parts.method,

@@ -194,7 +194,16 @@ fn own_verdict<E>(e: &Error<E>) -> Verdict {
         // The caller's mistake: the same again fails the same way.
         Error::KeyMismatch => Verdict::ignore(),
         // Keel's own store, not the dependency: worth another try later.
-        Error::StoreUnavailable => Verdict::ignore().with_retryable(true),
+        Error::StoreUnavailable | Error::StoreFull => Verdict::ignore().with_retryable(true),
+        // The first call is still running: ask again when told.
+        Error::InProgress { retry_after } => Verdict {
+            outcome: Outcome::Ignore,
+            retryable: true,
+            retry_after: Some(*retry_after),
+        },
+        // The operation ran (or may have): running it again could act
+        // twice.
+        Error::OutcomeUnknown | Error::NotReplayable => Verdict::ignore(),
         Error::RetriesExhausted { .. } => Verdict::failure().with_retryable(false),
     }
 }

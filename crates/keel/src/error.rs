@@ -95,6 +95,25 @@ pub enum Error<E> {
     /// be reached or did not answer in time, and the policy fails closed:
     /// the operation did not run.
     StoreUnavailable,
+    /// Another call with this idempotency key is still running and the
+    /// duplicate waited as long as it may; nothing ran for it. Ask again
+    /// after `retry_after` to get the first call's result.
+    InProgress {
+        /// When to ask again.
+        retry_after: Duration,
+    },
+    /// The first call with this idempotency key reached the dependency and
+    /// ended without a known outcome (a reset after the request was sent,
+    /// its execution timeout). The key is kept until its record expires:
+    /// running again could act twice. Nothing ran for this call.
+    OutcomeUnknown,
+    /// The first call with this idempotency key ran, but its result was
+    /// too large to keep: it cannot be replayed, and the operation must
+    /// not run again. Nothing ran for this call.
+    NotReplayable,
+    /// The idempotency store has no room: every byte is held by calls
+    /// still running. Nothing ran; try again shortly.
+    StoreFull,
     /// Retry stopped: attempts, time budget or retry budget ran out.
     RetriesExhausted {
         /// How many attempts were made (the first call included).
@@ -124,9 +143,9 @@ impl<E> Error<E> {
     /// When keel advises trying again, if it knows.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::CircuitOpen { retry_after } | Error::RateLimited { retry_after } => {
-                Some(*retry_after)
-            }
+            Error::CircuitOpen { retry_after }
+            | Error::RateLimited { retry_after }
+            | Error::InProgress { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -166,6 +185,10 @@ impl<E> Error<E> {
             Error::FaultInjected => Error::FaultInjected,
             Error::KeyMismatch => Error::KeyMismatch,
             Error::StoreUnavailable => Error::StoreUnavailable,
+            Error::InProgress { retry_after } => Error::InProgress { retry_after },
+            Error::OutcomeUnknown => Error::OutcomeUnknown,
+            Error::NotReplayable => Error::NotReplayable,
+            Error::StoreFull => Error::StoreFull,
             Error::RetriesExhausted { attempts, last } => Error::RetriesExhausted {
                 attempts,
                 last: Box::new(last.map_inner(f)),
@@ -204,6 +227,19 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             ),
             Error::StoreUnavailable => f.write_str(
                 "state store unavailable and the policy fails closed; the call did not run",
+            ),
+            Error::InProgress { retry_after } => write!(
+                f,
+                "a call with this idempotency key is still running; this one did not run; ask again after {retry_after:?}"
+            ),
+            Error::OutcomeUnknown => f.write_str(
+                "the first call with this idempotency key ended without a known outcome; the key is kept until it expires, and this call did not run",
+            ),
+            Error::NotReplayable => f.write_str(
+                "the first call with this idempotency key ran, but its result was too large to keep; this call did not run",
+            ),
+            Error::StoreFull => f.write_str(
+                "the idempotency store is full of calls still running; this call did not run",
             ),
             Error::RetriesExhausted { attempts, last } => {
                 let noun = if *attempts == 1 { "attempt" } else { "attempts" };

@@ -11,7 +11,8 @@ use std::time::Duration;
 use keel::classify::Verdict;
 use keel::clock::{ManualClock, TokioClock};
 use keel::idempotency::{
-    Begin, FailMode, Idempotency, IdempotencyStore, MemoryStore, StoreError, StoreFuture, Token,
+    scoped_key, Begin, Begun, FailMode, Idempotency, IdempotencyStore, MemoryStore, OnUnknown,
+    Settle, Settled, StoreError, StoreFuture, Token,
 };
 use keel::Error;
 use proptest::prelude::*;
@@ -320,7 +321,7 @@ async fn a_duplicate_gives_up_after_its_wait_timeout() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::Timeout { after } if after >= Duration::from_secs(2)),
+        matches!(err, Error::InProgress { retry_after } if retry_after == Duration::from_secs(1)),
         "{err:?}"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -413,21 +414,226 @@ fn zero_durations_are_refused_naming_the_field() {
 }
 
 #[test]
-fn a_full_memory_store_refuses_new_keys_but_sweeps_expired_ones() {
+fn a_full_memory_store_forgets_results_closest_to_expiry_and_refuses_only_calls_in_flight() {
     let clock = ManualClock::new();
-    let store = MemoryStore::with_capacity(2).clock(clock.clone());
-    let begin = |key: &str| {
-        let fut = store.begin(key, b"fp", Duration::from_secs(1));
-        futures_ready(fut)
+    // A record here: a 1-byte key, a 2-byte fingerprint, a 1-byte value,
+    // and the store's 160 bytes of overhead. Room for three.
+    let store = MemoryStore::with_max_bytes(3 * 164).clock(clock.clone());
+    let lock = Duration::from_secs(60);
+    let begin = |key: &str| futures_ready(store.begin(key, b"fp", lock));
+    let token = |begun: Result<Begin, StoreError>| match begun {
+        Ok(Begin::Acquired(token)) => token,
+        other => panic!("{other:?}"),
     };
-    assert!(matches!(begin("a"), Ok(Begin::Acquired(_))));
-    assert!(matches!(begin("b"), Ok(Begin::Acquired(_))));
-    assert_eq!(begin("c"), Err(StoreError::Full));
+    let (a, b, c) = (token(begin("a")), token(begin("b")), token(begin("c")));
+    assert_eq!(begin("d"), Err(StoreError::Full), "every byte is in flight");
     // A held key is still answered.
     assert!(matches!(begin("a"), Ok(Begin::InFlight { .. })));
+    let ttl = Duration::from_secs(10);
+    assert_eq!(futures_ready(store.complete("a", a, b"1", ttl)), Ok(true));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(futures_ready(store.complete("b", b, b"2", ttl)), Ok(true));
+    // d takes a's room: a's result expires first.
+    let d = token(begin("d"));
+    assert!(matches!(begin("b"), Ok(Begin::Done { .. })));
+    assert!(
+        matches!(begin("a"), Ok(Begin::Acquired(_))),
+        "a was forgotten"
+    );
+    assert_eq!(
+        begin("e"),
+        Err(StoreError::Full),
+        "b went for a; c, d, a run"
+    );
+    assert_eq!(store.len(), 3);
+    // Expired results go as time passes, before anything is evicted.
+    assert_eq!(
+        futures_ready(store.complete("c", c, b"3", Duration::from_secs(1))),
+        Ok(true)
+    );
+    assert_eq!(
+        futures_ready(store.complete("d", d, b"4", Duration::from_secs(100))),
+        Ok(true)
+    );
     clock.advance(Duration::from_secs(2));
-    assert!(matches!(begin("c"), Ok(Begin::Acquired(_))));
-    assert_eq!(store.len(), 1, "the expired keys were swept");
+    let _e = token(begin("e"));
+    assert!(matches!(begin("d"), Ok(Begin::Done { .. })), "d outlives c");
+    assert!(store.bytes() <= 3 * 164);
+}
+
+/// Completing or releasing one key wakes the duplicates waiting for that
+/// key, not every waiter in the store.
+#[test]
+fn a_change_wakes_only_that_keys_waiters() {
+    let store = MemoryStore::new();
+    let lock = Duration::from_secs(60);
+    let Ok(Begin::Acquired(a)) = futures_ready(store.begin("a", b"fp", lock)) else {
+        panic!()
+    };
+    let Ok(Begin::Acquired(b)) = futures_ready(store.begin("b", b"fp", lock)) else {
+        panic!()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut waiting_a = tokio_test::task::spawn(store.changed("a", Duration::from_secs(60)));
+    let mut waiting_b = tokio_test::task::spawn(store.changed("b", Duration::from_secs(60)));
+    tokio_test::assert_pending!(waiting_a.poll());
+    tokio_test::assert_pending!(waiting_b.poll());
+    futures_ready(store.complete("b", b, b"done", lock)).unwrap();
+    assert!(waiting_b.is_woken());
+    assert!(!waiting_a.is_woken(), "a's waiter slept through b's change");
+    tokio_test::assert_ready!(waiting_b.poll());
+    futures_ready(store.release("a", a)).unwrap();
+    assert!(waiting_a.is_woken());
+    // A key that is not in flight is answered at once.
+    let mut settled = tokio_test::task::spawn(store.changed("b", Duration::from_secs(60)));
+    tokio_test::assert_ready!(settled.poll());
+}
+
+/// A detached call runs to its end and keeps its result when its caller
+/// stops waiting: the duplicate gets the replay, and the operation ran
+/// once.
+#[tokio::test(start_paused = true)]
+async fn a_detached_call_outlives_its_caller_and_is_replayed() {
+    let idem = Idempotency::builder("payments")
+        .store(paused_store())
+        .execution_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store_all = |_: &Result<String, String>| Settle::Store;
+    let first = tokio::time::timeout(
+        Duration::from_secs(1),
+        idem.call_detached(
+            "k",
+            b"fp",
+            store_all,
+            counted(&runs, Duration::from_secs(5), Ok("charged".into())),
+        ),
+    )
+    .await;
+    assert!(first.is_err(), "the caller gave up first");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = idem
+        .call_detached(
+            "k",
+            b"fp",
+            store_all,
+            counted(&runs, Duration::ZERO, Ok("again".into())),
+        )
+        .await
+        .unwrap();
+    assert_eq!((again.value.as_str(), again.replayed), ("charged", true));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// Past its execution timeout a call's outcome is unknown: with
+/// `Conflict` the key is kept (duplicates are refused until the record
+/// expires), with `Release` the next one runs.
+#[tokio::test(start_paused = true)]
+async fn an_unknown_outcome_keeps_or_frees_the_key_as_configured() {
+    for (on_unknown, runs_again) in [(OnUnknown::Conflict, false), (OnUnknown::Release, true)] {
+        let idem = Idempotency::builder("payments")
+            .store(paused_store())
+            .ttl(Duration::from_secs(60))
+            .execution_timeout(Duration::from_secs(2))
+            .on_unknown(on_unknown)
+            .build()
+            .unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let store_all = |_: &Result<String, String>| Settle::Store;
+        let first = idem
+            .call_detached(
+                "k",
+                b"fp",
+                store_all,
+                counted(&runs, Duration::from_secs(10), Ok("late".into())),
+            )
+            .await;
+        assert!(matches!(first, Err(Error::Timeout { .. })), "{first:?}");
+        let dup = idem
+            .call_detached(
+                "k",
+                b"fp",
+                store_all,
+                counted(&runs, Duration::ZERO, Ok("dup".into())),
+            )
+            .await;
+        if runs_again {
+            assert_eq!(dup.unwrap().value, "dup");
+        } else {
+            assert_eq!(dup, Err(Error::OutcomeUnknown));
+            tokio::time::sleep(Duration::from_secs(61)).await;
+            let later = idem
+                .call_detached(
+                    "k",
+                    b"fp",
+                    store_all,
+                    counted(&runs, Duration::ZERO, Ok("later".into())),
+                )
+                .await;
+            assert_eq!(later.unwrap().value, "later", "the record expired");
+        }
+    }
+}
+
+/// A result that ran but was not kept refuses duplicates; a release lets
+/// the next one run.
+#[tokio::test(start_paused = true)]
+async fn settled_outcomes_decide_what_a_duplicate_gets() {
+    let idem = executor(paused_store());
+    let Ok(Begun::Run(claim)) = idem.begin("big", b"fp").await else {
+        panic!()
+    };
+    claim.settle(Settled::NotReplayable).await;
+    assert!(matches!(
+        idem.begin("big", b"fp").await,
+        Err(Error::NotReplayable)
+    ));
+    let Ok(Begun::Run(claim)) = idem.begin("free", b"fp").await else {
+        panic!()
+    };
+    claim.settle(Settled::Released).await;
+    assert!(matches!(idem.begin("free", b"fp").await, Ok(Begun::Run(_))));
+}
+
+/// A result too large for the store is kept as "not replayable": the
+/// operation ran, so its key must not run again.
+#[tokio::test(start_paused = true)]
+async fn a_result_too_large_for_the_store_keeps_its_key() {
+    let idem = executor(MemoryStore::with_max_bytes(4096).clock(TokioClock::new()));
+    let Ok(Begun::Run(claim)) = idem.begin("k", b"fp").await else {
+        panic!()
+    };
+    claim.complete(&[0u8; 8192]).await;
+    assert!(matches!(
+        idem.begin("k", b"fp").await,
+        Err(Error::NotReplayable)
+    ));
+}
+
+#[test]
+fn scoped_keys_bind_a_principal_without_keeping_it() {
+    let alice = scoped_key("order-1", [&b"Bearer alice"[..]]);
+    let bob = scoped_key("order-1", [&b"Bearer bob"[..]]);
+    assert_ne!(alice, bob);
+    assert_eq!(alice, scoped_key("order-1", [&b"Bearer alice"[..]]));
+    assert!(!alice.contains("alice"));
+    assert!(alice.ends_with("~order-1"));
+    assert_eq!(scoped_key("order-1", std::iter::empty()), "order-1");
+    // Values are length-prefixed: moving bytes between them is another scope.
+    assert_ne!(
+        scoped_key("k", [&b"ab"[..], &b"c"[..]]),
+        scoped_key("k", [&b"a"[..], &b"bc"[..]])
+    );
+    // Stable across processes and versions: the first bytes of SHA-256.
+    assert_eq!(
+        scoped_key("k", [&b""[..]]),
+        "af5570f5a1810b7af78caf4bc70a660f~k"
+    );
 }
 
 /// The memory store answers at once; this takes that answer.
@@ -598,6 +804,30 @@ mod embedded {
             "{answers:?}"
         );
         assert_eq!(answers.iter().filter(|a| a.replayed).count(), 19);
+    }
+
+    /// Expired records are deleted, so the file holds the working set
+    /// only; live ones stay.
+    #[tokio::test]
+    async fn a_sweep_deletes_expired_records_and_keeps_live_ones() {
+        let db = TempDb::new("sweep");
+        let store = EmbeddedStore::open(&db.0).unwrap();
+        let lock = Duration::from_secs(60);
+        for (key, ttl) in [("old-1", 1), ("old-2", 1), ("live", 3_600_000)] {
+            let Begin::Acquired(token) = store.begin(key, b"fp", lock).await.unwrap() else {
+                panic!()
+            };
+            let ttl = Duration::from_millis(ttl);
+            assert!(store.complete(key, token, b"v", ttl).await.unwrap());
+        }
+        // The wall clock's millisecond passes.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(store.sweep().unwrap(), 2);
+        assert_eq!(store.sweep().unwrap(), 0);
+        assert!(matches!(
+            store.begin("live", b"fp", lock).await.unwrap(),
+            Begin::Done { .. }
+        ));
     }
 
     #[tokio::test]

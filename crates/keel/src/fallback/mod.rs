@@ -135,6 +135,14 @@ pub enum ErrorKind {
     KeyMismatch,
     /// [`Error::StoreUnavailable`].
     StoreUnavailable,
+    /// [`Error::InProgress`].
+    InProgress,
+    /// [`Error::OutcomeUnknown`].
+    OutcomeUnknown,
+    /// [`Error::NotReplayable`].
+    NotReplayable,
+    /// [`Error::StoreFull`].
+    StoreFull,
 }
 
 impl ErrorKind {
@@ -151,6 +159,10 @@ impl ErrorKind {
             Error::FaultInjected => ErrorKind::FaultInjected,
             Error::KeyMismatch => ErrorKind::KeyMismatch,
             Error::StoreUnavailable => ErrorKind::StoreUnavailable,
+            Error::InProgress { .. } => ErrorKind::InProgress,
+            Error::OutcomeUnknown => ErrorKind::OutcomeUnknown,
+            Error::NotReplayable => ErrorKind::NotReplayable,
+            Error::StoreFull => ErrorKind::StoreFull,
         }
     }
 }

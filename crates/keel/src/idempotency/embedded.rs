@@ -16,7 +16,7 @@ const RECORDS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("kee
 /// to disk before it answers, run on tokio's blocking threads. Times are
 /// the wall clock's (a restart has no other clock in common with the run
 /// before), so a record outlives the process that wrote it; expired
-/// records are dropped when their key is next used.
+/// records are deleted in the background ([`EmbeddedStore::sweep`]).
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -39,10 +39,24 @@ impl EmbeddedStore {
         let tx = db.begin_write().map_err(unavailable)?;
         tx.open_table(RECORDS).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
-        Ok(EmbeddedStore {
+        let store = EmbeddedStore {
             db: Arc::new(db),
             notify: Arc::default(),
-        })
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweeping(Arc::downgrade(&store.db)));
+        }
+        Ok(store)
+    }
+
+    /// Deletes every record whose time is up (results past their `ttl`,
+    /// locks past their expiry), in transactions of at most 1,000
+    /// deletions; how many it deleted. Runs in the background every 30 s
+    /// while the store is open in a tokio
+    /// runtime, so the file stops growing at its working set (redb reuses
+    /// the freed pages).
+    pub fn sweep(&self) -> Result<usize, StoreError> {
+        sweep(&self.db)
     }
 
     /// Runs `change` on the key's record in one write transaction: it gets
@@ -79,6 +93,61 @@ impl EmbeddedStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
         })
+    }
+}
+
+/// How often an open store deletes its expired records.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Deletions per sweep transaction: a sweep never holds the write lock long.
+const SWEEP_BATCH: usize = 1000;
+
+async fn sweeping(db: std::sync::Weak<Database>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(db) = db.upgrade() else { return };
+        match tokio::task::spawn_blocking(move || sweep(&db)).await {
+            Ok(Ok(n)) if n > 0 => {
+                tracing::debug!(target: "keel", policy = "idempotency", deleted = n, "swept expired records")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(target: "keel", policy = "idempotency", error = %e, "could not sweep expired records")
+            }
+            _ => {}
+        }
+    }
+}
+
+fn sweep(db: &Database) -> Result<usize, StoreError> {
+    let mut deleted = 0;
+    loop {
+        let now = wall_nanos();
+        let tx = db.begin_write().map_err(unavailable)?;
+        let batch = {
+            let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
+            let mut expired = Vec::new();
+            for item in table.iter().map_err(unavailable)? {
+                let (key, bytes) = item.map_err(unavailable)?;
+                // An unreadable record is left for its key's next use to
+                // report.
+                if decode(bytes.value()).is_some_and(|r| r.until() <= now) {
+                    expired.push(key.value().to_owned());
+                    if expired.len() == SWEEP_BATCH {
+                        break;
+                    }
+                }
+            }
+            for key in &expired {
+                table.remove(key.as_str()).map_err(unavailable)?;
+            }
+            expired.len()
+        };
+        tx.commit().map_err(unavailable)?;
+        deleted += batch;
+        if batch < SWEEP_BATCH {
+            return Ok(deleted);
+        }
     }
 }
 

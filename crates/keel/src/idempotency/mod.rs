@@ -153,6 +153,8 @@ struct Inner {
     lock_timeout: Duration,
     store_timeout: Duration,
     wait_timeout: Duration,
+    execution_timeout: Option<Duration>,
+    on_unknown: OnUnknown,
     fail: FailMode,
     counts: Counts,
 }
@@ -176,6 +178,8 @@ struct Counts {
     replayed: Counter,
     mismatch: Counter,
     wait_timeout: Counter,
+    unknown: Counter,
+    not_replayable: Counter,
     store_unavailable: Counter,
 }
 
@@ -189,6 +193,8 @@ impl Counts {
             replayed: result("replayed"),
             mismatch: result("mismatch"),
             wait_timeout: result("wait_timeout"),
+            unknown: result("unknown"),
+            not_replayable: result("not_replayable"),
             store_unavailable: metrics::counter!(
                 crate::telemetry::STORE_UNAVAILABLE,
                 "policy" => "idempotency",
@@ -209,6 +215,8 @@ pub struct Builder {
     lock_timeout: Duration,
     store_timeout: Duration,
     wait_timeout: Option<Duration>,
+    execution_timeout: Option<Duration>,
+    on_unknown: OnUnknown,
     fail: FailMode,
 }
 
@@ -252,6 +260,21 @@ impl Builder {
         self
     }
 
+    /// How long a detached call ([`Idempotency::call_detached`]) may run
+    /// once started, whoever is waiting for it (default: `lock_timeout`).
+    /// Past it the outcome is unknown.
+    pub fn execution_timeout(mut self, execution_timeout: Duration) -> Self {
+        self.execution_timeout = Some(execution_timeout);
+        self
+    }
+
+    /// What an unknown outcome does to the key (default
+    /// [`OnUnknown::Conflict`]).
+    pub fn on_unknown(mut self, on_unknown: OnUnknown) -> Self {
+        self.on_unknown = on_unknown;
+        self
+    }
+
     /// What a store failure does (default [`FailMode::FailClosed`]).
     pub fn on_store_error(mut self, fail: FailMode) -> Self {
         self.fail = fail;
@@ -264,6 +287,10 @@ impl Builder {
             ("ttl", self.ttl),
             ("lock_timeout", self.lock_timeout),
             ("store_timeout", self.store_timeout),
+            (
+                "execution_timeout",
+                self.execution_timeout.unwrap_or(self.lock_timeout),
+            ),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "must be greater than zero"));
@@ -277,6 +304,8 @@ impl Builder {
                 lock_timeout: self.lock_timeout,
                 store_timeout: self.store_timeout,
                 wait_timeout: self.wait_timeout.unwrap_or(self.lock_timeout),
+                execution_timeout: self.execution_timeout,
+                on_unknown: self.on_unknown,
                 fail: self.fail,
                 counts,
                 name: self.name,
@@ -288,6 +317,10 @@ impl Builder {
 /// The longest pause between two looks at a key held by another call.
 const MAX_POLL: Duration = Duration::from_millis(50);
 
+/// What a duplicate that waited out `wait_timeout` is told: ask again in
+/// a second.
+const IN_PROGRESS_RETRY: Duration = Duration::from_secs(1);
+
 impl Idempotency {
     /// A builder for an executor named `name` (in metrics and logs).
     pub fn builder(name: impl Into<Arc<str>>) -> Builder {
@@ -298,6 +331,8 @@ impl Idempotency {
             lock_timeout: Duration::from_secs(30),
             store_timeout: Duration::from_secs(1),
             wait_timeout: None,
+            execution_timeout: None,
+            on_unknown: OnUnknown::Conflict,
             fail: FailMode::FailClosed,
         }
     }
@@ -358,23 +393,7 @@ impl Idempotency {
         };
         let claim = match self.begin(key, fingerprint).await {
             Ok(Begun::Run(claim)) => claim,
-            Ok(Begun::Replay(stored)) => {
-                return match Result::<T, E>::decode(&stored) {
-                    Some(result) => result
-                        .map(|value| Completed {
-                            value,
-                            replayed: true,
-                        })
-                        .map_err(Error::Inner),
-                    None => {
-                        let why = format!("the record for key {key:?} does not decode");
-                        match self.unavailable(StoreError::Corrupt(why)) {
-                            Ok(Begun::Unprotected) => ran(op().await),
-                            _ => Err(Error::StoreUnavailable),
-                        }
-                    }
-                };
-            }
+            Ok(Begun::Replay(stored)) => return self.replayed(key, &stored),
             Ok(Begun::Unprotected) => return ran(op().await),
             Err(e) => return Err(e.map_inner(|never| match never {})),
         };
@@ -389,6 +408,108 @@ impl Idempotency {
         ran(result)
     }
 
+    /// A stored result, decoded.
+    fn replayed<T: Stored, E: Stored>(
+        &self,
+        key: &str,
+        stored: &[u8],
+    ) -> Result<Completed<T>, Error<E>> {
+        match Result::<T, E>::decode(stored) {
+            Some(result) => result
+                .map(|value| Completed {
+                    value,
+                    replayed: true,
+                })
+                .map_err(Error::Inner),
+            None => {
+                let why = format!("the record for key {key:?} does not decode");
+                self.unavailable(StoreError::Corrupt(why))?;
+                Err(Error::StoreUnavailable)
+            }
+        }
+    }
+
+    /// Runs `op` once per `key`, detached from the caller: the operation
+    /// runs on its own task, so it runs to its end (up to
+    /// `execution_timeout`) and its outcome is kept even if the caller
+    /// stops waiting (its future is dropped, its own timeout fires). `settle`
+    /// says what each result means for the key: [`Settle::Store`] (it ran:
+    /// replay it), [`Settle::Release`] (it did not act: the next call runs)
+    /// or [`Settle::Unknown`] (it may have acted: `on_unknown` decides).
+    /// Past `execution_timeout` the outcome is unknown and the caller gets
+    /// [`Error::Timeout`].
+    ///
+    /// A duplicate of a call that ended unknown gets
+    /// [`Error::OutcomeUnknown`] (with [`OnUnknown::Conflict`]); one still
+    /// running after `wait_timeout`, [`Error::InProgress`].
+    pub async fn call_detached<T, E, S, F, Fut>(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        settle: S,
+        op: F,
+    ) -> Result<Completed<T>, Error<E>>
+    where
+        T: Stored + Send + 'static,
+        E: Stored + Send + 'static,
+        S: FnOnce(&Result<T, E>) -> Settle + Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let claim = match self.begin(key, fingerprint).await {
+            Ok(Begun::Run(claim)) => claim,
+            Ok(Begun::Replay(stored)) => return self.replayed(key, &stored),
+            Ok(Begun::Unprotected) => {
+                return op()
+                    .await
+                    .map(|value| Completed {
+                        value,
+                        replayed: false,
+                    })
+                    .map_err(Error::Inner)
+            }
+            Err(e) => return Err(e.map_inner(|never| match never {})),
+        };
+        let limit = self.execution_timeout();
+        let work = op();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let Ok(result) = tokio::time::timeout(limit, claim.run(work)).await else {
+                claim.settle(Settled::Unknown).await;
+                let _ = tx.send(None);
+                return;
+            };
+            match settle(&result) {
+                Settle::Store => {
+                    let mut value = Vec::new();
+                    result.encode(&mut value);
+                    claim.settle(Settled::Stored(&value)).await;
+                }
+                Settle::Release => claim.settle(Settled::Released).await,
+                Settle::Unknown => claim.settle(Settled::Unknown).await,
+            }
+            let _ = tx.send(Some(result));
+        });
+        match rx.await {
+            Ok(Some(result)) => result
+                .map(|value| Completed {
+                    value,
+                    replayed: false,
+                })
+                .map_err(Error::Inner),
+            Ok(None) => Err(Error::Timeout { after: limit }),
+            // The task panicked: what it did is not known.
+            Err(_) => Err(Error::OutcomeUnknown),
+        }
+    }
+
+    /// How long a detached call may run.
+    pub fn execution_timeout(&self) -> Duration {
+        self.inner
+            .execution_timeout
+            .unwrap_or(self.inner.lock_timeout)
+    }
+
     /// The first half of a call, for callers whose results are not one
     /// value (a proxy streaming a response it may or may not store): looks
     /// `key` up, waiting for a call in flight, and answers with the stored
@@ -398,11 +519,13 @@ impl Idempotency {
     /// Errors: [`Error::KeyMismatch`], [`Error::Timeout`] (waited
     /// `wait_timeout` for a call in flight), [`Error::StoreUnavailable`]
     /// (a failed store that fails closed).
-    pub async fn begin<'a>(
-        &'a self,
-        key: &'a str,
+    /// A stored result may also be [`Error::OutcomeUnknown`] or
+    /// [`Error::NotReplayable`]; a store with no room, [`Error::StoreFull`].
+    pub async fn begin(
+        &self,
+        key: &str,
         fingerprint: &[u8],
-    ) -> Result<Begun<'a>, Error<std::convert::Infallible>> {
+    ) -> Result<Begun, Error<std::convert::Infallible>> {
         let inner = &*self.inner;
         let waited_since = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(1);
@@ -411,11 +534,15 @@ impl Idempotency {
                 .store_call(inner.store.begin(key, fingerprint, inner.lock_timeout))
                 .await;
             match begun {
+                Err(StoreError::Full) => {
+                    tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, "the store is full of calls in flight; refused");
+                    return Err(Error::StoreFull);
+                }
                 Err(e) => return self.unavailable(e),
                 Ok(Begin::Acquired(token)) => {
                     return Ok(Begun::Run(Claim {
-                        executor: self,
-                        key,
+                        executor: self.clone(),
+                        key: key.into(),
                         token,
                         done: false,
                     }))
@@ -427,9 +554,22 @@ impl Idempotency {
                     if first != fingerprint {
                         return Err(self.mismatch(key));
                     }
-                    inner.counts.replayed.increment(1);
-                    tracing::debug!(target: "keel", policy = "idempotency", name = &*inner.name, key, "replayed the stored result");
-                    return Ok(Begun::Replay(value));
+                    return match Settled::decode(&value) {
+                        Settled::Stored(value) => {
+                            inner.counts.replayed.increment(1);
+                            tracing::debug!(target: "keel", policy = "idempotency", name = &*inner.name, key, "replayed the stored result");
+                            Ok(Begun::Replay(value.to_vec()))
+                        }
+                        Settled::Unknown => {
+                            inner.counts.unknown.increment(1);
+                            Err(Error::OutcomeUnknown)
+                        }
+                        Settled::NotReplayable => {
+                            inner.counts.not_replayable.increment(1);
+                            Err(Error::NotReplayable)
+                        }
+                        Settled::Released => unreachable!("a released key has no record"),
+                    };
                 }
                 Ok(Begin::InFlight { fingerprint: first }) => {
                     if first != fingerprint {
@@ -438,7 +578,9 @@ impl Idempotency {
                     let waited = waited_since.elapsed();
                     if waited >= inner.wait_timeout {
                         inner.counts.wait_timeout.increment(1);
-                        return Err(Error::Timeout { after: waited });
+                        return Err(Error::InProgress {
+                            retry_after: IN_PROGRESS_RETRY,
+                        });
                     }
                     inner
                         .store
@@ -452,7 +594,7 @@ impl Idempotency {
 
     /// Renews `token`'s lock every third of `lock_timeout`, for as long as
     /// it is polled.
-    async fn renew(&self, key: &str, token: Token) {
+    async fn renew(&self, key: &str, token: Token) -> std::convert::Infallible {
         let inner = &*self.inner;
         let every = (inner.lock_timeout / 3).max(Duration::from_millis(1));
         loop {
@@ -473,10 +615,7 @@ impl Idempotency {
     }
 
     /// The store failed: run unprotected or refuse, by the fail mode.
-    fn unavailable<'a>(
-        &self,
-        error: StoreError,
-    ) -> Result<Begun<'a>, Error<std::convert::Infallible>> {
+    fn unavailable<E>(&self, error: StoreError) -> Result<Begun, Error<E>> {
         let inner = &*self.inner;
         inner.counts.store_unavailable.increment(1);
         tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, error = %error, mode = inner.fail.as_str(), "idempotency store unavailable");
@@ -495,28 +634,128 @@ impl Idempotency {
 
 /// What [`Idempotency::begin`] found.
 #[derive(Debug)]
-pub enum Begun<'a> {
+pub enum Begun {
     /// This call holds the key: run under [`Claim::run`], then
-    /// [`complete`](Claim::complete) or [`release`](Claim::release).
-    Run(Claim<'a>),
+    /// [`settle`](Claim::settle) it.
+    Run(Claim),
     /// An earlier call with the same fingerprint stored this result.
     Replay(Vec<u8>),
     /// The store failed and the executor fails open: run without it.
     Unprotected,
 }
 
-/// A held key. Dropped without [`complete`](Self::complete) or
-/// [`release`](Self::release) (a cancelled call), it releases the key in
-/// the background: the call did not complete, so the next duplicate should
-/// run rather than wait out the lock.
-pub struct Claim<'a> {
-    executor: &'a Idempotency,
-    key: &'a str,
+/// What [`Idempotency::call_detached`] does with a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The operation ran: keep its result for duplicates.
+    Store,
+    /// The operation did not act: free the key, the next call runs.
+    Release,
+    /// The operation may have acted, and its result says nothing of it:
+    /// `on_unknown` decides.
+    Unknown,
+}
+
+/// What an unknown outcome does to its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnknown {
+    /// Keep the key until its record expires (`ttl`): duplicates get
+    /// [`Error::OutcomeUnknown`] rather than risk acting twice.
+    #[default]
+    Conflict,
+    /// Free the key: the next duplicate runs. Right only for dependencies
+    /// that deduplicate on the forwarded key themselves.
+    Release,
+}
+
+/// How a held key's call ended: the one place its record is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled<'a> {
+    /// It ran; this is its result, replayed to duplicates for `ttl`.
+    Stored(&'a [u8]),
+    /// It did not act: the key is freed and the next call runs.
+    Released,
+    /// It may have acted and its answer is not known: by `on_unknown`,
+    /// duplicates get [`Error::OutcomeUnknown`] for `ttl`, or the key is
+    /// freed.
+    Unknown,
+    /// It ran, and its answer was not kept (too large): duplicates get
+    /// [`Error::NotReplayable`] for `ttl`.
+    NotReplayable,
+}
+
+/// A settled record's value starts with one of these; anything else is a
+/// stored result from before outcomes were recorded (its whole value).
+const STORED: u8 = 0x80;
+const UNKNOWN: u8 = 0x81;
+const NOT_REPLAYABLE: u8 = 0x82;
+
+impl Settled<'_> {
+    fn encode(self, out: &mut Vec<u8>) {
+        match self {
+            Settled::Stored(value) => {
+                out.reserve(value.len() + 1);
+                out.push(STORED);
+                out.extend_from_slice(value);
+            }
+            Settled::Unknown => out.push(UNKNOWN),
+            Settled::NotReplayable => out.push(NOT_REPLAYABLE),
+            Settled::Released => {}
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Settled<'_> {
+        match bytes.split_first() {
+            Some((&STORED, value)) => Settled::Stored(value),
+            Some((&UNKNOWN, _)) => Settled::Unknown,
+            Some((&NOT_REPLAYABLE, _)) => Settled::NotReplayable,
+            _ => Settled::Stored(bytes),
+        }
+    }
+}
+
+/// A record's key bound to a principal: `key` alone when `scope` is empty,
+/// else the key after the SHA-256 of the scope's values (each
+/// length-prefixed), in hex. The values are never kept in clear; the same
+/// key under another principal is another record, which can never be
+/// replayed to the first. Stable across processes and versions, so a
+/// shared store agrees on it.
+pub fn scoped_key<'v>(key: &str, scope: impl IntoIterator<Item = &'v [u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    let mut any = false;
+    for value in scope {
+        any = true;
+        hash.update((value.len() as u64).to_be_bytes());
+        hash.update(value);
+    }
+    if !any {
+        return key.to_owned();
+    }
+    let digest = hash.finalize();
+    let mut out = String::with_capacity(33 + key.len());
+    for b in &digest[..16] {
+        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    out.push('~');
+    out.push_str(key);
+    out
+}
+
+/// A held key. It owns what it needs, so the call can run on a task of its
+/// own ([`Idempotency::call_detached`], a proxy's exchange) and outlive
+/// whoever asked. Dropped without being settled (a cancelled call), it
+/// releases the key in the background.
+pub struct Claim {
+    executor: Idempotency,
+    key: Arc<str>,
     token: Token,
     done: bool,
 }
 
-impl fmt::Debug for Claim<'_> {
+impl fmt::Debug for Claim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Claim")
             .field("key", &self.key)
@@ -524,13 +763,18 @@ impl fmt::Debug for Claim<'_> {
     }
 }
 
-impl Claim<'_> {
+impl Claim {
+    /// The key held.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Runs `work` holding the key, renewing the lock every third of
     /// `lock_timeout` while it runs (the renewal's timer is armed only if
     /// the work does not finish at once; no task is spawned).
     pub async fn run<F: Future>(&self, work: F) -> F::Output {
         let mut work = std::pin::pin!(work);
-        let mut renewing = std::pin::pin!(self.executor.renew(self.key, self.token));
+        let mut renewing = std::pin::pin!(self.executor.renew(&self.key, self.token));
         std::future::poll_fn(|cx| {
             if let Poll::Ready(output) = work.as_mut().poll(cx) {
                 return Poll::Ready(output);
@@ -541,46 +785,73 @@ impl Claim<'_> {
         .await
     }
 
-    /// Stores `value` as the key's result, kept for `ttl`: duplicates from
-    /// now on are answered with it.
-    pub async fn complete(mut self, value: &[u8]) {
+    /// Stores `value` as the key's result: [`Settled::Stored`].
+    pub async fn complete(self, value: &[u8]) {
+        self.settle(Settled::Stored(value)).await;
+    }
+
+    /// Frees the key: [`Settled::Released`].
+    pub async fn release(self) {
+        self.settle(Settled::Released).await;
+    }
+
+    /// Records how the call ended. A result too large for the store is
+    /// kept as [`Settled::NotReplayable`]: the operation ran, so its key
+    /// must not run again.
+    pub async fn settle(mut self, settled: Settled<'_>) {
         self.done = true;
-        let executor = self.executor;
+        let executor = &self.executor;
         let inner = &*executor.inner;
-        let key = self.key;
-        match executor
-            .store_call(inner.store.complete(key, self.token, value, inner.ttl))
-            .await
-        {
+        let key = &*self.key;
+        let settled = match settled {
+            Settled::Unknown if inner.on_unknown == OnUnknown::Release => {
+                inner.counts.unknown.increment(1);
+                Settled::Released
+            }
+            other => other,
+        };
+        if settled == Settled::Released {
+            if let Err(e) = executor
+                .store_call(inner.store.release(key, self.token))
+                .await
+            {
+                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not release the key; it frees itself when its lock expires");
+            }
+            inner.counts.released.increment(1);
+            return;
+        }
+        let mut value = Vec::new();
+        settled.encode(&mut value);
+        let mut stored = executor
+            .store_call(inner.store.complete(key, self.token, &value, inner.ttl))
+            .await;
+        if matches!(stored, Err(StoreError::Full)) {
+            tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, bytes = value.len(), "the result does not fit in the store; its key is kept as not replayable");
+            value.clear();
+            Settled::NotReplayable.encode(&mut value);
+            stored = executor
+                .store_call(inner.store.complete(key, self.token, &value, inner.ttl))
+                .await;
+        }
+        match stored {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, "the key's lock expired while the call ran; its result was not stored")
+                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, "the key's lock expired while the call ran; its outcome was not stored")
             }
             Err(e) => {
-                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not store the result; a duplicate will run again once the lock expires")
+                tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not store the outcome; a duplicate will run again once the lock expires")
             }
+        }
+        match settled {
+            Settled::Unknown => inner.counts.unknown.increment(1),
+            Settled::NotReplayable => inner.counts.not_replayable.increment(1),
+            _ => {}
         }
         inner.counts.executed.increment(1);
     }
-
-    /// Frees the key without a result ("did not act"): the next duplicate
-    /// runs.
-    pub async fn release(mut self) {
-        self.done = true;
-        let executor = self.executor;
-        let inner = &*executor.inner;
-        let key = self.key;
-        if let Err(e) = executor
-            .store_call(inner.store.release(key, self.token))
-            .await
-        {
-            tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, error = %e, "could not release the key; it frees itself when its lock expires");
-        }
-        inner.counts.released.increment(1);
-    }
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         if self.done {
             return;
@@ -588,7 +859,7 @@ impl Drop for Claim<'_> {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (store, key, token) = (
                 self.executor.inner.store.clone(),
-                self.key.to_owned(),
+                self.key.clone(),
                 self.token,
             );
             runtime.spawn(async move {

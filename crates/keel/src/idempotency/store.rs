@@ -7,7 +7,8 @@
 //! call is one atomic step on one key, so several processes sharing a store
 //! agree on who runs.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -208,23 +209,125 @@ pub(crate) fn after(now: u64, d: Duration) -> u64 {
     now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// What a record costs beyond its key, fingerprint and value: the map's
+/// slot and entry, the expiry index's entry, allocator rounding.
+const RECORD_OVERHEAD: usize = 160;
+
 /// Records in this process's memory: the default, and right for one
-/// instance. At most `capacity` keys (expired ones are swept when it is
-/// reached); a `begin` for a new key beyond that fails with
-/// [`StoreError::Full`] rather than forget a live record.
+/// instance. They take at most `max_bytes` (keys, fingerprints and stored
+/// values counted, plus a fixed overhead per record). When a new record
+/// does not fit, the stored results closest to expiry are forgotten first
+/// (an expiry-ordered index makes that O(log n) per record, with no scan);
+/// only when every byte is held by calls still running is a new key
+/// refused with [`StoreError::Full`]. Expired results are dropped from the
+/// same index as time passes. A waiting duplicate is woken by a change to
+/// its own key only.
 pub struct MemoryStore {
     clock: ClockSource,
-    capacity: usize,
-    records: Mutex<HashMap<String, Record>>,
-    /// Woken on every completion and release, for waiting duplicates.
-    changes: tokio::sync::Notify,
+    max_bytes: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    records: HashMap<Arc<str>, Entry>,
+    /// Settled records by expiry, earliest first. Lazy: an entry whose
+    /// record has gone or changed (another generation) is skipped.
+    expiry: BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
+    /// Bytes the records take, as counted.
+    used: usize,
+    generation: u64,
+}
+
+struct Entry {
+    record: Record,
+    generation: u64,
+    bytes: usize,
+    /// Duplicates waiting for this key's holder.
+    waiters: Option<Arc<tokio::sync::Notify>>,
+}
+
+fn record_bytes(key: &str, record: &Record) -> usize {
+    let (fingerprint, value) = match record {
+        Record::InFlight { fingerprint, .. } => (fingerprint.len(), 0),
+        Record::Done {
+            fingerprint, value, ..
+        } => (fingerprint.len(), value.len()),
+    };
+    key.len() + fingerprint + value + RECORD_OVERHEAD
+}
+
+impl State {
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.records.remove(key)?;
+        self.used -= entry.bytes;
+        if let Some(waiters) = &entry.waiters {
+            waiters.notify_waiters();
+        }
+        Some(entry)
+    }
+
+    /// Drops settled records whose time is up.
+    fn expire(&mut self, now: u64) {
+        while let Some(Reverse((until, _, _))) = self.expiry.peek() {
+            if *until > now {
+                break;
+            }
+            self.pop_settled();
+        }
+    }
+
+    /// Forgets the settled record closest to expiry; false if none is left.
+    fn pop_settled(&mut self) -> bool {
+        while let Some(Reverse((_, generation, key))) = self.expiry.pop() {
+            if self
+                .records
+                .get(&*key)
+                .is_some_and(|e| e.generation == generation)
+            {
+                self.remove(&key);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Makes room for `bytes` more within `max`, forgetting stored results
+    /// closest to expiry; false if calls in flight hold too much.
+    fn make_room(&mut self, bytes: usize, max: usize) -> bool {
+        while self.used + bytes > max {
+            if !self.pop_settled() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn insert(&mut self, key: Arc<str>, record: Record, bytes: usize) {
+        self.generation += 1;
+        let generation = self.generation;
+        if let Record::Done { until, .. } = &record {
+            self.expiry.push(Reverse((*until, generation, key.clone())));
+        }
+        self.used += bytes;
+        self.records.insert(
+            key,
+            Entry {
+                record,
+                generation,
+                bytes,
+                waiters: None,
+            },
+        );
+    }
 }
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("capacity", &self.capacity)
+            .field("max_bytes", &self.max_bytes)
             .field("keys", &self.len())
+            .field("bytes", &self.bytes())
             .finish_non_exhaustive()
     }
 }
@@ -236,18 +339,17 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store for up to a million keys, on the monotonic clock.
+    /// A store of at most 64 MiB, on the monotonic clock.
     pub fn new() -> MemoryStore {
-        MemoryStore::with_capacity(1_000_000)
+        MemoryStore::with_max_bytes(64 << 20)
     }
 
-    /// A store for up to `capacity` keys.
-    pub fn with_capacity(capacity: usize) -> MemoryStore {
+    /// A store whose records take at most `max_bytes`.
+    pub fn with_max_bytes(max_bytes: usize) -> MemoryStore {
         MemoryStore {
             clock: ClockSource::new(None),
-            capacity: capacity.max(1),
-            records: Mutex::new(HashMap::new()),
-            changes: tokio::sync::Notify::new(),
+            max_bytes: max_bytes.max(RECORD_OVERHEAD),
+            state: Mutex::new(State::default()),
         }
     }
 
@@ -257,14 +359,19 @@ impl MemoryStore {
         self
     }
 
-    /// Keys held now, expired ones not yet swept included.
+    /// Keys held now, expired ones not yet dropped included.
     pub fn len(&self) -> usize {
-        lock(&self.records).len()
+        lock(&self.state).records.len()
     }
 
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The bytes the records take, as the bound counts them.
+    pub fn bytes(&self) -> usize {
+        lock(&self.state).used
     }
 
     fn deadline(&self, d: Duration) -> u64 {
@@ -278,21 +385,26 @@ impl MemoryStore {
         lock_timeout: Duration,
     ) -> Result<Begin, StoreError> {
         let now = self.clock.now_nanos();
-        let mut records = lock(&self.records);
-        if !records.contains_key(key) && records.len() >= self.capacity {
-            records.retain(|_, r| r.until() > now);
-            if records.len() >= self.capacity {
-                return Err(StoreError::Full);
-            }
-        }
+        let mut state = lock(&self.state);
+        state.expire(now);
         let (begin, record) = Record::begin(
-            records.get(key),
+            state.records.get(key).map(|e| &e.record),
             now,
             fingerprint,
-            self.deadline(lock_timeout),
+            after(now, lock_timeout),
         );
         if let Some(record) = record {
-            records.insert(key.to_owned(), record);
+            // An expired holder's record gives way to the new one.
+            let waiters = state.remove(key).and_then(|e| e.waiters);
+            let bytes = record_bytes(key, &record);
+            if !state.make_room(bytes, self.max_bytes) {
+                return Err(StoreError::Full);
+            }
+            let key: Arc<str> = key.into();
+            state.insert(key.clone(), record, bytes);
+            if let Some(entry) = state.records.get_mut(&key) {
+                entry.waiters = waiters;
+            }
         }
         Ok(begin)
     }
@@ -300,22 +412,49 @@ impl MemoryStore {
     /// Runs `change` on the record if `token` holds the key; whether it did.
     fn if_held(&self, key: &str, token: Token, change: impl FnOnce(&mut Record)) -> bool {
         let now = self.clock.now_nanos();
-        let mut records = lock(&self.records);
-        match records.get_mut(key) {
-            Some(record) if Record::held_by(Some(record), token, now) => {
-                change(record);
+        let mut state = lock(&self.state);
+        match state.records.get_mut(key) {
+            Some(entry) if Record::held_by(Some(&entry.record), token, now) => {
+                change(&mut entry.record);
                 true
             }
             _ => false,
         }
     }
 
-    fn remove_if_held(&self, key: &str, token: Token) {
+    fn complete_now(
+        &self,
+        key: &str,
+        token: Token,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let now = self.clock.now_nanos();
-        let mut records = lock(&self.records);
-        if Record::held_by(records.get(key), token, now) {
-            records.remove(key);
+        let mut state = lock(&self.state);
+        let held = match state.records.get(key) {
+            Some(entry) if Record::held_by(Some(&entry.record), token, now) => entry,
+            _ => return Ok(false),
+        };
+        let (held_bytes, fingerprint) = match &held.record {
+            Record::InFlight { fingerprint, .. } => (held.bytes, fingerprint.clone()),
+            Record::Done { .. } => unreachable!("a held record is in flight"),
+        };
+        let record = Record::Done {
+            fingerprint,
+            value: value.to_vec(),
+            until: after(now, ttl),
+        };
+        let bytes = record_bytes(key, &record);
+        // The held record stays while room is made: only settled ones go.
+        if !state.make_room(bytes.saturating_sub(held_bytes), self.max_bytes) {
+            return Err(StoreError::Full);
         }
+        let entry = state
+            .remove(key)
+            .expect("held above; only settled records were evicted");
+        drop(entry);
+        state.insert(key.into(), record, bytes);
+        Ok(true)
     }
 }
 
@@ -340,25 +479,17 @@ impl IdempotencyStore for MemoryStore {
         value: &'a [u8],
         ttl: Duration,
     ) -> StoreFuture<'a, bool> {
-        let until = self.deadline(ttl);
-        let stored = self.if_held(key, token, |record| {
-            let held = std::mem::replace(
-                record,
-                Record::Done {
-                    fingerprint: Vec::new(),
-                    value: Vec::new(),
-                    until: 0,
-                },
-            );
-            *record = held.completed(value, until);
-        });
-        self.changes.notify_waiters();
-        Box::pin(std::future::ready(Ok(stored)))
+        Box::pin(std::future::ready(
+            self.complete_now(key, token, value, ttl),
+        ))
     }
 
     fn release<'a>(&'a self, key: &'a str, token: Token) -> StoreFuture<'a, ()> {
-        self.remove_if_held(key, token);
-        self.changes.notify_waiters();
+        let now = self.clock.now_nanos();
+        let mut state = lock(&self.state);
+        if Record::held_by(state.records.get(key).map(|e| &e.record), token, now) {
+            state.remove(key);
+        }
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -375,11 +506,31 @@ impl IdempotencyStore for MemoryStore {
 
     fn changed<'a>(
         &'a self,
-        _key: &'a str,
+        key: &'a str,
         at_most: Duration,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        // Registered under the lock, so a change right after it is seen.
+        let notified = {
+            let mut state = lock(&self.state);
+            match state.records.get_mut(key) {
+                Some(Entry {
+                    record: Record::InFlight { .. },
+                    waiters,
+                    ..
+                }) => {
+                    let notify = waiters.get_or_insert_with(Default::default).clone();
+                    let mut notified = Box::pin(notify.notified_owned());
+                    notified.as_mut().enable();
+                    Some(notified)
+                }
+                // Settled or gone: look again now.
+                _ => None,
+            }
+        };
         Box::pin(async move {
-            let _ = tokio::time::timeout(at_most, self.changes.notified()).await;
+            if let Some(notified) = notified {
+                let _ = tokio::time::timeout(at_most, notified).await;
+            }
         })
     }
 }
