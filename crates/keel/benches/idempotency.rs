@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -19,12 +20,12 @@ fn group(
     c: &mut Criterion,
     rt: &tokio::runtime::Runtime,
     store_name: &str,
-    store: impl IdempotencyStore + 'static,
+    store: Arc<dyn IdempotencyStore>,
 ) {
     // Results kept 1 ms: "first_call" cycles through 100k keys, each
     // expired by the time it comes round again, so the store stays small.
     let idem = Idempotency::builder("bench")
-        .store(store)
+        .shared_store(store)
         .ttl(Duration::from_millis(1))
         .build()
         .unwrap();
@@ -56,7 +57,31 @@ fn group(
 }
 
 fn memory(c: &mut Criterion) {
-    group(c, &support::runtime(), "memory", MemoryStore::new());
+    group(
+        c,
+        &support::runtime(),
+        "memory",
+        Arc::new(MemoryStore::new()),
+    );
+}
+
+/// The same with 1,000,000 stored results held (kept a day), in a store
+/// large enough for them: look-ups and the expiry index at that size.
+fn memory_1m(c: &mut Criterion) {
+    let rt = support::runtime();
+    let store = Arc::new(MemoryStore::with_max_bytes(1 << 30));
+    let held = Idempotency::builder("bench")
+        .shared_store(store.clone())
+        .build()
+        .unwrap();
+    let op = || async { Ok::<_, Infallible>(b"{\"paid\":true}".to_vec()) };
+    rt.block_on(async {
+        for i in 0..1_000_000 {
+            held.call(&format!("held-{i}"), b"fp", op).await.unwrap();
+        }
+    });
+    assert!(store.len() >= 1_000_000);
+    group(c, &rt, "memory_1m", store);
 }
 
 #[cfg(feature = "embedded")]
@@ -67,7 +92,7 @@ fn embedded(c: &mut Criterion) {
         c,
         &support::runtime(),
         "embedded",
-        keel::idempotency::EmbeddedStore::open(&path).unwrap(),
+        Arc::new(keel::idempotency::EmbeddedStore::open(&path).unwrap()),
     );
     let _ = std::fs::remove_file(&path);
 }
@@ -86,7 +111,7 @@ fn redis(c: &mut Criterion) {
     let server = redis_server::RedisServer::start();
     let rt = support::runtime_with_io();
     let store = keel::store::RedisStore::open(&server.url()).unwrap();
-    group(c, &rt, "redis", store);
+    group(c, &rt, "redis", Arc::new(store));
 }
 
 #[cfg(not(feature = "redis"))]
@@ -94,5 +119,5 @@ fn redis(_: &mut Criterion) {
     eprintln!("idempotency_redis: skipped, build with --features redis");
 }
 
-criterion_group!(benches, memory, embedded, redis);
+criterion_group!(benches, memory, memory_1m, embedded, redis);
 criterion_main!(benches);
