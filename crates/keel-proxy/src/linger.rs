@@ -11,7 +11,8 @@
 //!
 //! A connection the client closed first (keel read its end of stream) has
 //! nothing left to drain and closes at once, which is every keep-alive
-//! connection's ordinary end.
+//! connection's ordinary end. At most [`MAX_LINGERING`] connections linger
+//! at once; beyond that one closes at once, as before.
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +30,10 @@ const LINGER_TIME: Duration = Duration::from_secs(10);
 const LINGER_IDLE: Duration = Duration::from_secs(2);
 /// The most a closed connection reads and throws away.
 const LINGER_BYTES: u64 = 64 << 20;
+/// Connections lingering at once at most; beyond, one closes at once.
+const MAX_LINGERING: usize = 4096;
+
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A client connection that lingers when keel closes it first.
 #[derive(Debug)]
@@ -107,8 +112,17 @@ impl Drop for Lingering {
         if self.read_closed {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(drain(stream));
+        use std::sync::atomic::Ordering;
+        if LINGERING.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move {
+                drain(stream).await;
+                LINGERING.fetch_sub(1, Ordering::AcqRel);
+            })),
+            Err(_) => drop(LINGERING.fetch_sub(1, Ordering::AcqRel)),
         }
     }
 }

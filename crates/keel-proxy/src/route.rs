@@ -44,7 +44,8 @@ const MAX_REPLAYABLE_BODY: u64 = 1 << 20;
 
 /// Keyed requests' executions still running, detached from their clients:
 /// shutdown waits for them (up to `server.shutdown_timeout`), since one cut
-/// off leaves its key held with its outcome unknown.
+/// off leaves its key held, unsettled, until its lock expires; then a
+/// duplicate runs again.
 static EXECUTIONS: Executions = Executions {
     running: std::sync::atomic::AtomicUsize::new(0),
     idle: tokio::sync::Notify::const_new(),
@@ -764,7 +765,11 @@ impl Route {
         let key_header = self.once.as_ref().map(|once| &once.header);
         let idempotent = is_idempotent(&parts, key_header.unwrap_or(&IDEMPOTENCY_KEY));
         let key = key_header.and_then(|h| parts.headers.get(h).cloned());
-        prepare_request(&mut parts, peer, key_header);
+        prepare_request(
+            &mut parts,
+            peer,
+            Some(key_header.unwrap_or(&IDEMPOTENCY_KEY)),
+        );
         if let (Some(once), Some(key)) = (&self.once, key) {
             return self.once(once, key, parts, body).await;
         }
@@ -841,6 +846,13 @@ impl Route {
                 joined
             })
             .collect();
+        // No scope header present: the key alone, as before scopes were
+        // (so records kept by an earlier version are still found).
+        let scope = if scope.iter().all(Vec::is_empty) {
+            Vec::new()
+        } else {
+            scope
+        };
         let record = scoped_key(
             &format!("{}:{key}", self.name),
             scope.iter().map(Vec::as_slice),
@@ -891,8 +903,8 @@ impl Route {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let route = self.clone();
         let (limit, max_body) = (once.execution_timeout, once.max_body);
+        let running = Running::start();
         tokio::spawn(async move {
-            let running = Running::start();
             let answer_now = route.execute(claim, limit, max_body, parts, body).await;
             drop(running);
             // The client may be gone: the outcome is kept all the same.
@@ -919,12 +931,14 @@ impl Route {
     ///   a full bulkhead, an injected abort), and 429 and 503, release it.
     async fn execute(
         &self,
-        claim: Claim,
+        mut claim: Claim,
         limit: Duration,
         max_body: u64,
         mut parts: Parts,
         body: Bytes,
     ) -> Result<Response<ResponseBody>, Failure> {
+        // A panic from here on leaves the outcome unknown, not released.
+        claim.unknown_if_dropped();
         let written = Written::default();
         parts.extensions.insert(written.clone());
         let exchange = async {
@@ -936,9 +950,12 @@ impl Route {
                 Err(failure) => return (None, Err(failure)),
             };
             let status = response.status();
+            // "Did not act" holds for this attempt only: after an earlier
+            // one was written, what that one did is not known.
             if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
             {
-                return (Some(Stored::Released), Ok(relay(response)));
+                let released = (written.count() <= 1).then_some(Stored::Released);
+                return (released, Ok(relay(response)));
             }
             let (mut head, body) = response.into_parts();
             relay_head(&mut head);
@@ -964,7 +981,7 @@ impl Route {
             Some(Stored::NotReplayable) => Settled::NotReplayable,
             Some(Stored::Released) => Settled::Released,
             // No answer: whether the upstream may have acted decides.
-            None if written.get() => Settled::Unknown,
+            None if written.count() > 0 => Settled::Unknown,
             None => Settled::Released,
         };
         claim.settle(settled).await;

@@ -40,14 +40,14 @@ pub(crate) enum SendError {
     RequestBody,
 }
 
-/// Set, in a request's extensions, once an attempt has a connection and
-/// starts writing the request: from then on the upstream may have acted on
-/// it, whatever comes back.
+/// Counts, in a request's extensions, the attempts that had a connection
+/// and started writing the request: each may have made the upstream act,
+/// whatever came back.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Written(Arc<AtomicBool>);
+pub(crate) struct Written(Arc<AtomicU32>);
 
 impl Written {
-    pub(crate) fn get(&self) -> bool {
+    pub(crate) fn count(&self) -> u32 {
         self.0.load(Ordering::Acquire)
     }
 }
@@ -210,7 +210,7 @@ impl Upstream {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut conn = self.connection(endpoint).await?;
         if let Some(written) = parts.extensions.get::<Written>() {
-            written.0.store(true, Ordering::Release);
+            written.0.fetch_add(1, Ordering::AcqRel);
         }
         let head = conn
             .exchange(

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis_server::RedisServer;
-use support::{eventually, free_port, raw, upstream, Answer, Keel, Reply, Stub};
+use support::{eventually, raw, upstream, Answer, Keel, Reply, Stub};
 
 const KEY: &str = "idempotency-key";
 
@@ -42,6 +42,10 @@ fn behave(stub: &Stub) {
         let charge = format!("charge {run} for {key} by {auth}\n");
         match key.split('-').next().unwrap_or("") {
             "slow" => Reply::ok(&charge).after(Duration::from_millis(800)),
+            "slower" => Reply::ok(&charge).after(Duration::from_secs(2)),
+            // Resets once after reading the request, then says 503.
+            "wobbly" if run == 1 => Reply::Reset,
+            "wobbly" => Reply::status(503),
             "e500" => Reply::status(500),
             "e503" => Reply::status(503),
             "e429" => Reply::status(429),
@@ -74,7 +78,8 @@ fn route(name: &str, upstream: &str, timeout: &str, idempotency: &str, extra: &s
 }
 
 fn config(stub: &Stub, store: &str) -> String {
-    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Port 1: privileged, never an ephemeral port another test could take.
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
     [
         store.to_owned(),
         upstream("pay", &[stub.addr]),
@@ -88,7 +93,7 @@ fn config(stub: &Stub, store: &str) -> String {
             "pay",
             "5s",
             "header = \"X-Request-Key\"",
-            "[routes.retry]\nmax_attempts = 3\non = [\"5xx\"]\nbackoff = { base = \"1ms\", max = \"5ms\" }\n",
+            "[routes.retry]\nmax_attempts = 3\non = [\"5xx\", \"reset\"]\nbackoff = { base = \"1ms\", max = \"5ms\" }\n",
         ),
     ]
     .join("\n")
@@ -144,9 +149,9 @@ async fn the_first_five_points_hold(store: &str) {
     // 1 and 2. The route's timeout answers first (504); the execution goes
     // on; a duplicate while it runs waits its own timeout, then 409 with
     // retry-after; once it ends, duplicates get its response.
-    let first = post(&keel, "/short/1", "slow-timeout").await;
+    let first = post(&keel, "/short/1", "slower-timeout").await;
     assert_eq!((first.status, first.reason()), (504, Some("timeout")));
-    let dup = post(&keel, "/short/1", "slow-timeout").await;
+    let dup = post(&keel, "/short/1", "slower-timeout").await;
     assert_eq!(
         (dup.status, dup.reason()),
         (409, Some("idempotency-in-progress")),
@@ -155,14 +160,14 @@ async fn the_first_five_points_hold(store: &str) {
     );
     assert!(dup.header("retry-after").is_some());
     let later = eventually(Duration::from_secs(5), || async {
-        let a = post(&keel, "/short/1", "slow-timeout").await;
+        let a = post(&keel, "/short/1", "slower-timeout").await;
         (a.status == 200).then_some(a)
     })
     .await
     .expect("the execution ended and was stored");
     assert!(replayed(&later));
-    assert!(later.body.starts_with("charge 1 for slow-timeout"));
-    assert_eq!(runs(&stub, "slow-timeout"), 1);
+    assert!(later.body.starts_with("charge 1 for slower-timeout"));
+    assert_eq!(runs(&stub, "slower-timeout"), 1);
 
     // 3. A 500 is stored and replayed; 503 and 429 release the key.
     let first = post(&keel, "/pay/1", "e500-a").await;
@@ -170,14 +175,27 @@ async fn the_first_five_points_hold(store: &str) {
     assert_eq!((first.status, replayed(&first)), (500, false));
     assert_eq!((dup.status, replayed(&dup)), (500, true));
     assert_eq!(runs(&stub, "e500-a"), 1);
-    for key in ["e503-a", "e429-a"] {
+    for (key, status) in [("e503-a", 503), ("e429-a", 429)] {
         for _ in 0..2 {
             let a = post(&keel, "/pay/1", key).await;
-            assert!(a.status == 503 || a.status == 429, "{key}: {}", a.status);
-            assert!(!replayed(&a));
+            assert_eq!((a.status, replayed(&a)), (status, false), "{key}");
         }
         assert_eq!(runs(&stub, key), 2, "{key}: released, so run again");
     }
+    // But a 503 after an earlier attempt was written (and reset) does not
+    // release: that attempt may have acted.
+    let first = keel
+        .request("POST", "/retry/3", &[("x-request-key", "wobbly-3")], "{}")
+        .await;
+    assert_eq!(first.status, 503);
+    assert_eq!(runs(&stub, "wobbly-3"), 3, "a reset, then retried 503s");
+    let dup = keel
+        .request("POST", "/retry/3", &[("x-request-key", "wobbly-3")], "{}")
+        .await;
+    assert_eq!(
+        (dup.status, dup.reason()),
+        (409, Some("idempotency-outcome-unknown"))
+    );
     // keel's refusal before any write (no connection) releases it too:
     // the duplicate tries again rather than getting a 409.
     for _ in 0..2 {
@@ -328,13 +346,12 @@ fn rss_bytes(keel: &Keel) -> u64 {
     kib * 1024
 }
 
+/// A request's path and headers.
+type Built = (String, Vec<(String, String)>);
+
 /// Sends `count` requests, eight at a time; each is built by `request(i)`
 /// and must get 200.
-async fn load(
-    keel: &Arc<Keel>,
-    count: usize,
-    request: fn(usize) -> (String, Vec<(String, String)>),
-) {
+async fn load(keel: &Arc<Keel>, count: usize, request: fn(usize) -> Built) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..8)
         .map(|_| {

@@ -605,6 +605,10 @@ async fn settled_outcomes_decide_what_a_duplicate_gets() {
 #[tokio::test(start_paused = true)]
 async fn a_result_too_large_for_the_store_keeps_its_key() {
     let idem = executor(MemoryStore::with_max_bytes(4096).clock(TokioClock::new()));
+    let Ok(Begun::Run(small)) = idem.begin("small", b"fp").await else {
+        panic!()
+    };
+    small.complete(b"kept").await;
     let Ok(Begun::Run(claim)) = idem.begin("k", b"fp").await else {
         panic!()
     };
@@ -613,6 +617,8 @@ async fn a_result_too_large_for_the_store_keeps_its_key() {
         idem.begin("k", b"fp").await,
         Err(Error::NotReplayable)
     ));
+    // It could never fit: nothing was forgotten trying.
+    assert!(matches!(idem.begin("small", b"fp").await, Ok(Begun::Replay(v)) if v == b"kept"));
 }
 
 #[test]
@@ -894,4 +900,22 @@ mod embedded {
             "{err}"
         );
     }
+}
+
+/// A claim marked for work that may have reached the dependency records an
+/// unknown outcome when dropped unsettled (a panic, a cancelled task),
+/// instead of freeing the key for a second run.
+#[tokio::test(start_paused = true)]
+async fn a_claim_dropped_after_its_work_started_leaves_the_outcome_unknown() {
+    let idem = executor(paused_store());
+    let Ok(Begun::Run(mut claim)) = idem.begin("k", b"fp").await else {
+        panic!()
+    };
+    claim.unknown_if_dropped();
+    drop(claim);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(matches!(
+        idem.begin("k", b"fp").await,
+        Err(Error::OutcomeUnknown)
+    ));
 }

@@ -50,8 +50,8 @@ impl EmbeddedStore {
     }
 
     /// Deletes every record whose time is up (results past their `ttl`,
-    /// locks past their expiry), in transactions of at most 1,000
-    /// deletions; how many it deleted. Runs in the background every 30 s
+    /// locks past their expiry): found in read transactions, deleted in
+    /// write transactions of at most 1,000 deletions; how many it deleted. Runs in the background every 30 s
     /// while the store is open in a tokio
     /// runtime, so the file stops growing at its working set (redb reuses
     /// the freed pages).
@@ -98,7 +98,7 @@ impl EmbeddedStore {
 
 /// How often an open store deletes its expired records.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
-/// Deletions per sweep transaction: a sweep never holds the write lock long.
+/// Deletions per sweep write transaction (each short: point deletes only).
 const SWEEP_BATCH: usize = 1000;
 
 async fn sweeping(db: std::sync::Weak<Database>) {
@@ -119,36 +119,70 @@ async fn sweeping(db: std::sync::Weak<Database>) {
     }
 }
 
+/// Finds expired records in read transactions (writers go on meanwhile),
+/// a batch at a time resuming after the last key seen, and deletes each
+/// batch in a short write transaction that checks every record again.
 fn sweep(db: &Database) -> Result<usize, StoreError> {
     let mut deleted = 0;
+    let mut after: Option<String> = None;
     loop {
         let now = wall_nanos();
-        let tx = db.begin_write().map_err(unavailable)?;
-        let batch = {
-            let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
-            let mut expired = Vec::new();
-            for item in table.iter().map_err(unavailable)? {
+        let (expired, last, more) = {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let table = tx.open_table(RECORDS).map_err(unavailable)?;
+            let range = match &after {
+                Some(key) => table.range::<&str>((
+                    std::ops::Bound::Excluded(key.as_str()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => table.range::<&str>(..),
+            }
+            .map_err(unavailable)?;
+            let (mut expired, mut last, mut seen) = (Vec::new(), None, 0usize);
+            for item in range {
                 let (key, bytes) = item.map_err(unavailable)?;
-                // An unreadable record is left for its key's next use to
-                // report.
-                if decode(bytes.value()).is_some_and(|r| r.until() <= now) {
+                seen += 1;
+                last = Some(key.value().to_owned());
+                if until_of(bytes.value()).is_some_and(|until| until <= now) {
                     expired.push(key.value().to_owned());
-                    if expired.len() == SWEEP_BATCH {
-                        break;
+                }
+                if seen == SWEEP_BATCH * 10 || expired.len() == SWEEP_BATCH {
+                    break;
+                }
+            }
+            let more = seen == SWEEP_BATCH * 10 || expired.len() == SWEEP_BATCH;
+            (expired, last, more)
+        };
+        if !expired.is_empty() {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = tx.open_table(RECORDS).map_err(unavailable)?;
+                for key in &expired {
+                    let still = table
+                        .get(key.as_str())
+                        .map_err(unavailable)?
+                        .is_some_and(|b| until_of(b.value()).is_some_and(|u| u <= now));
+                    if still {
+                        table.remove(key.as_str()).map_err(unavailable)?;
+                        deleted += 1;
                     }
                 }
             }
-            for key in &expired {
-                table.remove(key.as_str()).map_err(unavailable)?;
-            }
-            expired.len()
-        };
-        tx.commit().map_err(unavailable)?;
-        deleted += batch;
-        if batch < SWEEP_BATCH {
+            tx.commit().map_err(unavailable)?;
+        }
+        if !more {
             return Ok(deleted);
         }
+        after = last;
     }
+}
+
+/// A record's expiry, read without decoding the rest (an unreadable record
+/// is left for its key's next use to report).
+fn until_of(bytes: &[u8]) -> Option<u64> {
+    let until = bytes.get(1..9)?;
+    matches!(bytes.first(), Some(0 | 1))
+        .then(|| u64::from_le_bytes(until.try_into().unwrap_or_default()))
 }
 
 fn unavailable(e: impl fmt::Display) -> StoreError {

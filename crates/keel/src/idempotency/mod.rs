@@ -470,6 +470,8 @@ impl Idempotency {
             }
             Err(e) => return Err(e.map_inner(|never| match never {})),
         };
+        let mut claim = claim;
+        claim.unknown_if_dropped();
         let limit = self.execution_timeout();
         let work = op();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -545,6 +547,7 @@ impl Idempotency {
                         key: key.into(),
                         token,
                         done: false,
+                        unknown_on_drop: false,
                     }))
                 }
                 Ok(Begin::Done {
@@ -623,6 +626,29 @@ impl Idempotency {
             FailMode::FailClosed => Err(Error::StoreUnavailable),
             FailMode::FailOpen => Ok(Begun::Unprotected),
         }
+    }
+
+    /// Writes a settled record, trying again (three tries in all, 50 and
+    /// 200 ms apart) when the store fails: a lost write would free the key
+    /// once its lock expires, and the call would run again.
+    async fn settle_call(&self, key: &str, token: Token, value: &[u8]) -> Result<bool, StoreError> {
+        let inner = &*self.inner;
+        let mut last = Err(StoreError::Timeout);
+        for pause in [
+            Duration::ZERO,
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ] {
+            tokio::time::sleep(pause).await;
+            last = self
+                .store_call(inner.store.complete(key, token, value, inner.ttl))
+                .await;
+            match &last {
+                Err(StoreError::Unavailable(_) | StoreError::Timeout) => continue,
+                _ => return last,
+            }
+        }
+        last
     }
 
     async fn store_call<T>(&self, call: StoreFuture<'_, T>) -> Result<T, StoreError> {
@@ -753,6 +779,8 @@ pub struct Claim {
     key: Arc<str>,
     token: Token,
     done: bool,
+    /// Dropped unsettled, the outcome is unknown rather than released.
+    unknown_on_drop: bool,
 }
 
 impl fmt::Debug for Claim {
@@ -767,6 +795,13 @@ impl Claim {
     /// The key held.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// From now on, dropping the claim unsettled (a panic, a cancelled
+    /// task) records the outcome as unknown instead of releasing the key:
+    /// for work that may already have reached the dependency.
+    pub fn unknown_if_dropped(&mut self) {
+        self.unknown_on_drop = true;
     }
 
     /// Runs `work` holding the key, renewing the lock every third of
@@ -822,16 +857,12 @@ impl Claim {
         }
         let mut value = Vec::new();
         settled.encode(&mut value);
-        let mut stored = executor
-            .store_call(inner.store.complete(key, self.token, &value, inner.ttl))
-            .await;
+        let mut stored = executor.settle_call(key, self.token, &value).await;
         if matches!(stored, Err(StoreError::Full)) {
             tracing::warn!(target: "keel", policy = "idempotency", name = &*inner.name, key, bytes = value.len(), "the result does not fit in the store; its key is kept as not replayable");
             value.clear();
             Settled::NotReplayable.encode(&mut value);
-            stored = executor
-                .store_call(inner.store.complete(key, self.token, &value, inner.ttl))
-                .await;
+            stored = executor.settle_call(key, self.token, &value).await;
         }
         match stored {
             Ok(true) => {}
@@ -857,14 +888,21 @@ impl Drop for Claim {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (store, key, token) = (
-                self.executor.inner.store.clone(),
-                self.key.clone(),
-                self.token,
-            );
-            runtime.spawn(async move {
-                let _ = store.release(&key, token).await;
-            });
+            let (executor, key, token) = (self.executor.clone(), self.key.clone(), self.token);
+            let inner = &*executor.inner;
+            if self.unknown_on_drop && inner.on_unknown == OnUnknown::Conflict {
+                inner.counts.unknown.increment(1);
+                runtime.spawn(async move {
+                    let mut value = Vec::new();
+                    Settled::Unknown.encode(&mut value);
+                    let _ = executor.settle_call(&key, token, &value).await;
+                });
+            } else {
+                let store = inner.store.clone();
+                runtime.spawn(async move {
+                    let _ = store.release(&key, token).await;
+                });
+            }
         }
     }
 }

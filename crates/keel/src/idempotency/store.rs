@@ -236,6 +236,9 @@ struct State {
     expiry: BinaryHeap<Reverse<(u64, u64, Arc<str>)>>,
     /// Bytes the records take, as counted.
     used: usize,
+    /// The part of `used` that settled records take (what eviction can
+    /// free).
+    settled: usize,
     generation: u64,
 }
 
@@ -249,7 +252,10 @@ struct Entry {
 
 fn record_bytes(key: &str, record: &Record) -> usize {
     let (fingerprint, value) = match record {
-        Record::InFlight { fingerprint, .. } => (fingerprint.len(), 0),
+        // Counted with a one-byte value: settling as an outcome marker
+        // (unknown, not replayable) never needs more room than the call
+        // held, so a full store can always record that a call ran.
+        Record::InFlight { fingerprint, .. } => (fingerprint.len(), 1),
         Record::Done {
             fingerprint, value, ..
         } => (fingerprint.len(), value.len()),
@@ -261,19 +267,47 @@ impl State {
     fn remove(&mut self, key: &str) -> Option<Entry> {
         let entry = self.records.remove(key)?;
         self.used -= entry.bytes;
+        if matches!(entry.record, Record::Done { .. }) {
+            self.settled -= entry.bytes;
+        }
         if let Some(waiters) = &entry.waiters {
             waiters.notify_waiters();
         }
         Some(entry)
     }
 
-    /// Drops settled records whose time is up.
+    /// Drops settled records whose time is up (stale index entries on the
+    /// way are discarded; a live record not yet expired is left).
     fn expire(&mut self, now: u64) {
         while let Some(Reverse((until, _, _))) = self.expiry.peek() {
             if *until > now {
                 break;
             }
-            self.pop_settled();
+            let Some(Reverse((_, generation, key))) = self.expiry.pop() else {
+                break;
+            };
+            if self
+                .records
+                .get(&*key)
+                .is_some_and(|e| e.generation == generation)
+            {
+                self.remove(&key);
+            }
+        }
+    }
+
+    /// Drops every expired record, in flight ones included (a holder
+    /// that stopped renewing): a scan, run only when the store is full of
+    /// records in flight.
+    fn expire_in_flight(&mut self, now: u64) {
+        let expired: Vec<Arc<str>> = self
+            .records
+            .iter()
+            .filter(|(_, e)| e.record.until() <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            self.remove(&key);
         }
     }
 
@@ -293,8 +327,18 @@ impl State {
     }
 
     /// Makes room for `bytes` more within `max`, forgetting stored results
-    /// closest to expiry; false if calls in flight hold too much.
-    fn make_room(&mut self, bytes: usize, max: usize) -> bool {
+    /// closest to expiry; false, forgetting nothing, if calls in flight
+    /// hold too much for it to fit at all.
+    fn make_room(&mut self, bytes: usize, max: usize, now: u64) -> bool {
+        if self.used + bytes <= max {
+            return true;
+        }
+        if self.used - self.settled + bytes > max {
+            self.expire_in_flight(now);
+            if self.used - self.settled + bytes > max {
+                return false;
+            }
+        }
         while self.used + bytes > max {
             if !self.pop_settled() {
                 return false;
@@ -308,6 +352,7 @@ impl State {
         let generation = self.generation;
         if let Record::Done { until, .. } = &record {
             self.expiry.push(Reverse((*until, generation, key.clone())));
+            self.settled += bytes;
         }
         self.used += bytes;
         self.records.insert(
@@ -397,7 +442,7 @@ impl MemoryStore {
             // An expired holder's record gives way to the new one.
             let waiters = state.remove(key).and_then(|e| e.waiters);
             let bytes = record_bytes(key, &record);
-            if !state.make_room(bytes, self.max_bytes) {
+            if !state.make_room(bytes, self.max_bytes, now) {
                 return Err(StoreError::Full);
             }
             let key: Arc<str> = key.into();
@@ -446,7 +491,7 @@ impl MemoryStore {
         };
         let bytes = record_bytes(key, &record);
         // The held record stays while room is made: only settled ones go.
-        if !state.make_room(bytes.saturating_sub(held_bytes), self.max_bytes) {
+        if !state.make_room(bytes.saturating_sub(held_bytes), self.max_bytes, now) {
             return Err(StoreError::Full);
         }
         let entry = state
