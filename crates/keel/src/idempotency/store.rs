@@ -192,6 +192,7 @@ impl Record {
     }
 
     /// The record once its holder stored `value` until `until`.
+    #[cfg(feature = "embedded")]
     pub(crate) fn completed(self, value: &[u8], until: u64) -> Record {
         let fingerprint = match self {
             Record::InFlight { fingerprint, .. } | Record::Done { fingerprint, .. } => fingerprint,
