@@ -467,7 +467,6 @@ struct Once {
     max_body: u64,
     /// Headers whose values bind a record to a principal.
     scope: Vec<HeaderName>,
-    execution_timeout: Duration,
 }
 
 struct Fallback {
@@ -613,7 +612,6 @@ impl Route {
                         })
                     })
                     .collect::<Result<_, _>>()?,
-                execution_timeout: idem.execution_timeout(config.timeout),
             }),
             None => None,
         };
@@ -792,25 +790,26 @@ impl Route {
             .call(|| self.admitted(parts, body, idempotent))
             .await
             .map_err(lower)?;
-        let status = response.status().as_u16();
-        if let Some(fb) = &self.fallback {
-            if fb.on.matches(Failure::Status(status)) {
-                return Err(Failure::Status(status));
-            }
-        }
+        self.replaced(response.status())?;
         Ok(response)
     }
 
-    /// A fallback configured for this response's status replaces it.
+    /// The failure a response with `status` is, if the fallback is
+    /// configured to replace it.
+    fn replaced(&self, status: StatusCode) -> Result<(), Failure> {
+        let status = status.as_u16();
+        match &self.fallback {
+            Some(fb) if fb.on.matches(Failure::Status(status)) => Err(Failure::Status(status)),
+            _ => Ok(()),
+        }
+    }
+
+    /// `response`, unless the fallback replaces its status.
     fn substitute(
         &self,
         response: Response<ResponseBody>,
     ) -> Result<Response<ResponseBody>, Failure> {
-        let status = response.status().as_u16();
-        match &self.fallback {
-            Some(fb) if fb.on.matches(Failure::Status(status)) => Err(Failure::Status(status)),
-            _ => Ok(response),
-        }
+        self.replaced(response.status()).map(|()| response)
     }
 
     /// A request carrying an idempotency key. The first with its key (in
@@ -902,7 +901,7 @@ impl Route {
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
         let route = self.clone();
-        let (limit, max_body) = (once.execution_timeout, once.max_body);
+        let (limit, max_body) = (once.executor.execution_timeout(), once.max_body);
         let running = Running::start();
         tokio::spawn(async move {
             let answer_now = route.execute(claim, limit, max_body, parts, body).await;

@@ -192,7 +192,6 @@ impl Record {
     }
 
     /// The record once its holder stored `value` until `until`.
-    #[cfg(feature = "embedded")]
     pub(crate) fn completed(self, value: &[u8], until: u64) -> Record {
         let fingerprint = match self {
             Record::InFlight { fingerprint, .. } | Record::Done { fingerprint, .. } => fingerprint,
@@ -481,15 +480,8 @@ impl MemoryStore {
             Some(entry) if Record::held_by(Some(&entry.record), token, now) => entry,
             _ => return Ok(false),
         };
-        let (held_bytes, fingerprint) = match &held.record {
-            Record::InFlight { fingerprint, .. } => (held.bytes, fingerprint.clone()),
-            Record::Done { .. } => unreachable!("a held record is in flight"),
-        };
-        let record = Record::Done {
-            fingerprint,
-            value: value.to_vec(),
-            until: after(now, ttl),
-        };
+        let held_bytes = held.bytes;
+        let record = held.record.clone().completed(value, after(now, ttl));
         let bytes = record_bytes(key, &record);
         // The held record stays while room is made: only settled ones go.
         if !state.make_room(bytes.saturating_sub(held_bytes), self.max_bytes, now) {
