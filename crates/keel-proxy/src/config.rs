@@ -168,6 +168,10 @@ pub struct Server {
     /// Threads serving requests (default: one per CPU).
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Whether a client's `x-keel-priority` header is believed (default
+    /// false: the route's `priority` applies, whatever the client claims).
+    #[serde(default)]
+    pub trust_priority_header: bool,
 }
 
 /// `[upstreams.<name>]`.
@@ -789,18 +793,31 @@ impl Config {
                     format!("\"{}\" is also the name of routes[{first}]", route.name),
                 );
             }
-            if !route.path_prefix.starts_with('/') {
+            let prefix = route.path_prefix.as_str();
+            // `/api` and `/api/` match the same paths.
+            let segments = prefix.strip_suffix('/').unwrap_or(prefix);
+            if !prefix.starts_with('/') {
                 err(
                     format!("{at}.path_prefix"),
-                    format!("must start with \"/\", got \"{}\"", route.path_prefix),
+                    format!("must start with \"/\", got \"{prefix}\""),
                 );
-            } else if let Some(first) = prefixes.insert(route.path_prefix.as_str(), i) {
+            } else if prefix.contains(['?', '#']) || prefix.bytes().any(|b| !b.is_ascii_graphic()) {
                 err(
                     format!("{at}.path_prefix"),
-                    format!(
-                        "\"{}\" is also the prefix of routes[{first}]",
-                        route.path_prefix
-                    ),
+                    format!("\"{prefix}\" is not a path (no query, fragment, spaces or controls)"),
+                );
+            } else if !matches!(
+                crate::path::normalise(prefix),
+                Ok(std::borrow::Cow::Borrowed(_))
+            ) {
+                err(
+                    format!("{at}.path_prefix"),
+                    format!("\"{prefix}\" is not a normalised path (no \".\" or \"..\" segments, no encoded letters or digits): requests are matched after they are normalised"),
+                );
+            } else if let Some(first) = prefixes.insert(segments, i) {
+                err(
+                    format!("{at}.path_prefix"),
+                    format!("\"{prefix}\" matches the same paths as the prefix of routes[{first}]"),
                 );
             }
             if !self.upstreams.contains_key(&route.upstream) {

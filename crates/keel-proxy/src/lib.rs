@@ -18,6 +18,7 @@ mod h1;
 mod idempotency;
 mod linger;
 mod metrics;
+mod path;
 mod proxy;
 mod route;
 mod server;

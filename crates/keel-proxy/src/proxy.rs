@@ -5,18 +5,22 @@
 //! change and every route whose configuration and upstream did not change,
 //! so their state (breakers, limiters, bulkheads, endpoint health) goes on.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use http::{Request, Response};
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use keel::shed::LoadShedder;
 
 use crate::config::{Config, ConfigErrors, FieldError};
 use crate::metrics::{Metrics, RouteMetrics, UNMATCHED};
-use crate::route::{Failure, Peer, ResponseBody, Route};
+use crate::path::AboveRoot;
+use crate::route::{Failure, Peer, ResponseBody, Route, PRIORITY};
 use crate::store::Stores;
 use crate::upstream::Upstream;
 
@@ -87,7 +91,10 @@ impl Table {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        routes.sort_by_key(|r| std::cmp::Reverse(r.config.path_prefix.len()));
+        routes.sort_by_key(|r| {
+            let prefix = &r.config.path_prefix;
+            std::cmp::Reverse(prefix.strip_suffix('/').unwrap_or(prefix).len())
+        });
         let shed = match (&config.load_shed, old) {
             (None, _) => None,
             (Some(ls), Some(old)) if old.config.load_shed.as_ref() == Some(ls) => old.shed.clone(),
@@ -112,11 +119,12 @@ impl Table {
         })
     }
 
-    /// The route for `path`: the longest matching prefix.
+    /// The route for the normalised `path`: the longest prefix matching
+    /// whole segments.
     pub(crate) fn route(&self, path: &str) -> Option<&Arc<Route>> {
         self.routes
             .iter()
-            .find(|r| path.starts_with(r.config.path_prefix.as_str()))
+            .find(|r| crate::path::matches(&r.config.path_prefix, path))
     }
 
     /// The route called `name`.
@@ -174,20 +182,26 @@ impl Proxy {
     /// Serves one data-plane request.
     pub(crate) async fn handle(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer: &Peer,
     ) -> Response<ResponseBody> {
         let table = self.table();
+        if let Err(failure) = admit(&mut request, table.config.server.trust_priority_header) {
+            return self.unmatched(failure);
+        }
         match table.route(request.uri().path()) {
             Some(route) => route.serve(table.shed.as_ref(), request, peer).await,
-            None => {
-                let started = Instant::now();
-                let response = Failure::NoRoute.response("");
-                self.unmatched
-                    .answered(response.status().as_u16(), started.elapsed());
-                response
-            }
+            None => self.unmatched(Failure::NoRoute),
         }
+    }
+
+    /// A request answered before any route took it.
+    fn unmatched(&self, failure: Failure) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let response = failure.response("");
+        self.unmatched
+            .answered(response.status().as_u16(), started.elapsed());
+        response
     }
 
     pub(crate) fn is_started(&self) -> bool {
@@ -197,4 +211,45 @@ impl Proxy {
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
+}
+
+/// The request rules every request passes before routing; puts the request
+/// in the form routes see and forward:
+///
+/// - `TRACE` (it would echo the request, credentials included, back) and
+///   `CONNECT` (keel is not a tunnel) are refused;
+/// - HTTP/1.1 needs exactly one `Host` (RFC 9112 section 3.2);
+/// - a target in absolute form names the host itself: its authority is the
+///   `Host` sent upstream (RFC 9112 section 3.2.2);
+/// - the path is normalised ([`crate::path`]) and forwarded so;
+/// - unless the configuration trusts it, a client's `x-keel-priority` is
+///   dropped, so the route's priority applies.
+fn admit(request: &mut Request<Incoming>, trust_priority: bool) -> Result<(), Failure> {
+    if request.method() == Method::TRACE || request.method() == Method::CONNECT {
+        return Err(Failure::MethodNotAllowed);
+    }
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if let Some(authority) = request.uri().authority() {
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| Failure::BadHost)?;
+        request.headers_mut().insert(header::HOST, host);
+    } else if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
+        return Err(Failure::BadHost);
+    }
+    if !trust_priority {
+        request.headers_mut().remove(PRIORITY);
+    }
+    let path = request.uri().path();
+    let normal = match crate::path::normalise(path) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(normal)) => normal,
+        Err(AboveRoot) => return Err(Failure::BadPath),
+    };
+    let target = match request.uri().query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    *request.uri_mut() = PathAndQuery::try_from(target)
+        .map_err(|_| Failure::BadPath)?
+        .into();
+    Ok(())
 }

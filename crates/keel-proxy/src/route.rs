@@ -101,7 +101,7 @@ pub(crate) async fn executions_finished() {
 const MAX_RATE_KEYS: usize = 100_000;
 
 pub(crate) const REASON: HeaderName = HeaderName::from_static("x-keel-reason");
-const PRIORITY: HeaderName = HeaderName::from_static("x-keel-priority");
+pub(crate) const PRIORITY: HeaderName = HeaderName::from_static("x-keel-priority");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -168,6 +168,12 @@ pub(crate) enum Failure {
     StoreUnavailable,
     /// No route matched.
     NoRoute,
+    /// `TRACE` or `CONNECT`.
+    MethodNotAllowed,
+    /// HTTP/1.1 without exactly one `Host`, or an unusable authority.
+    BadHost,
+    /// A path that climbs above the root.
+    BadPath,
 }
 
 impl Failure {
@@ -182,7 +188,10 @@ impl Failure {
             Failure::BulkheadFull => "bulkhead-full",
             Failure::RateLimited(_) => "rate-limited",
             Failure::Shed => "shed",
-            Failure::BadBody | Failure::BadKey => "bad-request",
+            Failure::BadBody | Failure::BadKey | Failure::BadHost | Failure::BadPath => {
+                "bad-request"
+            }
+            Failure::MethodNotAllowed => "method-not-allowed",
             Failure::TooLarge => "body-too-large",
             Failure::KeyMismatch => "idempotency-key-mismatch",
             Failure::InProgress(_) => "idempotency-in-progress",
@@ -210,7 +219,10 @@ impl Failure {
                 StatusCode::CONFLICT
             }
             Failure::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Failure::BadBody | Failure::BadKey => StatusCode::BAD_REQUEST,
+            Failure::BadBody | Failure::BadKey | Failure::BadHost | Failure::BadPath => {
+                StatusCode::BAD_REQUEST
+            }
+            Failure::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::KeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Failure::NoRoute => StatusCode::NOT_FOUND,
@@ -278,6 +290,11 @@ impl Failure {
                 "route \"{route}\": the idempotency store is full of requests still running; the request did not run"
             ),
             Failure::NoRoute => "no route matches this path".to_owned(),
+            Failure::MethodNotAllowed => "keel does not proxy TRACE or CONNECT".to_owned(),
+            Failure::BadHost => {
+                "an HTTP/1.1 request needs exactly one Host header".to_owned()
+            }
+            Failure::BadPath => "the path climbs above the root with \"..\"".to_owned(),
         }
     }
 
@@ -304,6 +321,12 @@ impl Failure {
         );
         if let Some(after) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, retry_after_seconds(after));
+        }
+        if self == Failure::MethodNotAllowed {
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
         }
         if self == Failure::TooLarge {
             // The body was not read: the connection cannot carry another
@@ -400,7 +423,10 @@ impl Conditions {
             | Failure::NotReplayable
             | Failure::StoreFull
             | Failure::StoreUnavailable
-            | Failure::NoRoute => false,
+            | Failure::NoRoute
+            | Failure::MethodNotAllowed
+            | Failure::BadHost
+            | Failure::BadPath => false,
         }
     }
 }
@@ -1128,7 +1154,8 @@ fn lower(e: keel::Error<Failure>) -> Failure {
     }
 }
 
-/// The request's priority: `x-keel-priority` when it names one, else the
+/// The request's priority: `x-keel-priority` when it names one (the header
+/// is gone before this unless `server.trust_priority_header`), else the
 /// route's.
 fn priority(headers: &HeaderMap, default: Priority) -> Priority {
     match headers.get(PRIORITY).map(HeaderValue::as_bytes) {
@@ -1284,6 +1311,8 @@ fn prepare_request(parts: &mut Parts, peer: &Peer, keep: Option<&HeaderName>) {
     parts.version = http::Version::HTTP_11;
     parts.extensions = http::Extensions::new();
     strip_hop_by_hop(&mut parts.headers, keep);
+    // keel's own: never the upstream's business.
+    parts.headers.remove(PRIORITY);
     let earlier = parts
         .headers
         .get(&X_FORWARDED_FOR)

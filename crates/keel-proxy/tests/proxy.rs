@@ -600,8 +600,9 @@ async fn injected_aborts_are_retried_and_trip_the_breaker_like_real_failures() {
     assert_eq!(stub.count(), 0);
 }
 
-#[tokio::test]
-async fn load_shedding_sheds_low_priority_first_and_never_critical() {
+/// With three of four seats taken, a request that says it is low priority:
+/// its status, and whether the header reached the upstream.
+async fn low_priority_at_three_of_four(server: &str) -> (u16, bool) {
     let stub = Stub::start().await;
     stub.behave(|h, _| {
         if h.path == "/hold" {
@@ -611,11 +612,14 @@ async fn load_shedding_sheds_low_priority_first_and_never_critical() {
         }
     });
     let keel = std::sync::Arc::new(
-        Keel::start(&format!(
-            "{}{}[load_shed]\nmax_in_flight = 4\n",
-            upstream("web", &[stub.addr]),
-            route("web", "/", "web", "priority = \"critical\"\n"),
-        ))
+        Keel::start_with(
+            server,
+            &format!(
+                "{}{}[load_shed]\nmax_in_flight = 4\n",
+                upstream("web", &[stub.addr]),
+                route("web", "/", "web", "priority = \"critical\"\n"),
+            ),
+        )
         .await,
     );
     let held: Vec<_> = (0..3)
@@ -627,11 +631,12 @@ async fn load_shedding_sheds_low_priority_first_and_never_critical() {
     eventually(5 * SECOND, || async { (stub.count() == 3).then_some(()) })
         .await
         .expect("three requests in flight");
-    let shed = keel
+    let low = keel
         .request("GET", "/x", &[("x-keel-priority", "low")], "")
         .await;
-    assert_eq!(shed.status, 503, "low priority is shed at 3 of 4 in flight");
-    assert_eq!(shed.reason(), Some("shed"));
+    if low.status == 503 {
+        assert_eq!(low.reason(), Some("shed"));
+    }
     // The route's own priority (critical) is never shed.
     assert_eq!(keel.get("/x").await.status, 200);
     for h in held {
@@ -642,6 +647,26 @@ async fn load_shedding_sheds_low_priority_first_and_never_critical() {
         .request("GET", "/x", &[("x-keel-priority", "low")], "")
         .await;
     assert_eq!(r.status, 200);
+    let forwarded = stub
+        .hits()
+        .iter()
+        .any(|h| h.headers.contains_key("x-keel-priority"));
+    (low.status, forwarded)
+}
+
+#[tokio::test]
+async fn load_shedding_sheds_low_priority_first_and_never_critical() {
+    // Believed only when the configuration says so; never forwarded.
+    assert_eq!(
+        low_priority_at_three_of_four("trust_priority_header = true").await,
+        (503, false),
+        "a trusted low priority is shed at 3 of 4 in flight"
+    );
+    assert_eq!(
+        low_priority_at_three_of_four("").await,
+        (200, false),
+        "by default a client cannot lower (or raise) its priority: the route's applies"
+    );
 }
 
 #[tokio::test]
