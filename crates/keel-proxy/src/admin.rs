@@ -10,7 +10,8 @@
 //! | `POST /routes/<name>/circuit_breaker` | `{"state": "forced_open" \| "disabled" \| "closed"}` |
 //!
 //! With `server.admin_token` set, every request but the health probes needs
-//! `Authorization: Bearer <token>`.
+//! `Authorization: Bearer <token>` (the scheme in any case); a state-changing
+//! request needs `Content-Type: application/json` (else 415).
 
 use std::sync::Arc;
 
@@ -60,6 +61,10 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Ans
                 (Method::GET, "/state") => json_answer(StatusCode::OK, &state(&table)),
                 (_, "/metrics" | "/state") => not_allowed("GET"),
                 (method, p) => match breaker_switch_route(p) {
+                    Some(_) if method == Method::POST && !is_json(&request) => error(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "send the body with content-type: application/json",
+                    ),
                     Some(name) if method == Method::POST => {
                         switch_breaker(&table, name, request).await
                     }
@@ -79,12 +84,15 @@ fn breaker_switch_route(path: &str) -> Option<&str> {
 
 /// `None` when the request may go on, else the refusal.
 fn authorize(table: &Table, request: &Request<Incoming>) -> Option<Answer> {
-    let token = table.config.server.admin_token.as_deref()?;
+    let token = table.config.server.admin_token.as_ref()?.expose();
+    // The scheme is case-insensitive (RFC 9110 section 11.1).
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_matches(' '));
     if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
         return None;
     }
@@ -96,6 +104,18 @@ fn authorize(table: &Table, request: &Request<Incoming>) -> Option<Answer> {
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     Some(answer)
+}
+
+/// Whether a request's body is declared JSON. State-changing requests must
+/// be: a browser's cross-site form post can send only form and text types
+/// without a preflight, so it cannot switch a breaker on this machine.
+fn is_json(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

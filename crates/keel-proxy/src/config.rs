@@ -162,9 +162,10 @@ pub struct Server {
     /// its previous response) before it is closed.
     #[serde(default = "thirty_seconds", with = "keel::config::duration")]
     pub request_head_timeout: Duration,
-    /// A bearer token required on admin requests except the health ones.
+    /// A bearer token required on admin requests except the health ones;
+    /// required when `admin` is not a loopback address.
     #[serde(default)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Threads serving requests (default: one per CPU).
     #[serde(default)]
     pub workers: Option<usize>,
@@ -172,6 +173,25 @@ pub struct Server {
     /// false: the route's `priority` applies, whatever the client claims).
     #[serde(default)]
     pub trust_priority_header: bool,
+}
+
+/// A secret read from the file: compared, never printed (its `Debug` shows
+/// no part of it, so neither does any log of the configuration).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, to compare with what a request presents.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// `[upstreams.<name>]`.
@@ -711,11 +731,18 @@ impl Config {
                 "must be longer than zero".into(),
             );
         }
-        if self.server.admin_token.as_deref() == Some("") {
-            err(
+        match (&self.server.admin_token, socket_addr(&self.server.admin)) {
+            (Some(token), _) if token.expose().is_empty() => err(
                 "server.admin_token".into(),
                 "must not be empty (leave it out for no token)".into(),
-            );
+            ),
+            (None, Ok(admin)) if !admin.ip().is_loopback() => err(
+                "server.admin_token".into(),
+                format!(
+                    "is required when server.admin ({admin}) is not a loopback address: the admin plane shows every route's state and can switch breakers"
+                ),
+            ),
+            _ => {}
         }
 
         for (name, up) in &self.upstreams {
@@ -728,7 +755,7 @@ impl Config {
             }
             let mut seen = BTreeSet::new();
             for (i, endpoint) in up.endpoints.iter().enumerate() {
-                if let Err(reason) = host_port(endpoint) {
+                if let Err(reason) = self::endpoint(endpoint) {
                     err(format!("{at}.endpoints[{i}]"), reason);
                 } else if !seen.insert(endpoint) {
                     err(
@@ -758,11 +785,8 @@ impl Config {
             }
             if let Some(hc) = &up.health_check {
                 let at = format!("{at}.health_check");
-                if !hc.path.starts_with('/') {
-                    err(
-                        format!("{at}.path"),
-                        format!("must start with \"/\", got \"{}\"", hc.path),
-                    );
+                if let Err(reason) = health_check_request(&hc.path) {
+                    err(format!("{at}.path"), reason);
                 }
                 positive(&mut err, format!("{at}.interval"), hc.interval);
                 positive(&mut err, format!("{at}.timeout"), hc.timeout);
@@ -918,19 +942,8 @@ impl Config {
             if let Some(fb) = &route.fallback {
                 let at = format!("{at}.fallback");
                 status(&mut err, format!("{at}.status"), fb.status);
-                for (name, value) in &fb.headers {
-                    if !is_token(name) {
-                        err(
-                            format!("{at}.headers.{name}"),
-                            "is not a header name".into(),
-                        );
-                    }
-                    if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-                        err(
-                            format!("{at}.headers.{name}"),
-                            "holds control characters".into(),
-                        );
-                    }
+                if let Err(e) = fallback_headers(&fb.headers) {
+                    err(format!("{at}.{}", e.path), e.reason);
                 }
                 if fb.on.as_ref().is_some_and(Vec::is_empty) {
                     err(
@@ -989,6 +1002,27 @@ impl Config {
     }
 }
 
+/// A fallback's headers, as the data plane sends them: an error names the
+/// header (`headers.<name>`).
+pub(crate) fn fallback_headers(
+    headers: &BTreeMap<String, String>,
+) -> Result<http::HeaderMap, FieldError> {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in headers {
+        let at = || format!("headers.{name}");
+        let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| FieldError {
+            path: at(),
+            reason: "is not a header name".into(),
+        })?;
+        let value = http::HeaderValue::from_bytes(value.as_bytes()).map_err(|_| FieldError {
+            path: at(),
+            reason: "holds control characters".into(),
+        })?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
 fn positive(err: &mut impl FnMut(String, String), path: String, d: Duration) {
     if d.is_zero() {
         err(path, "must be longer than zero".into());
@@ -1015,12 +1049,40 @@ fn socket_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("\"{text}\" is not an address like \"127.0.0.1:8080\""))
 }
 
+/// An endpoint as the data plane uses it: a `host:port` authority.
+pub(crate) fn endpoint(text: &str) -> Result<http::uri::Authority, String> {
+    host_port(text)?;
+    text.parse().map_err(|_| {
+        format!("\"{text}\" is not an endpoint (an authority like \"payment.internal:80\")")
+    })
+}
+
+/// A health check's request, as the data plane sends it.
+pub(crate) fn health_check_request(path: &str) -> Result<http::request::Parts, String> {
+    if !path.starts_with('/') {
+        return Err(format!("must start with \"/\", got \"{path}\""));
+    }
+    http::Request::get(path)
+        .header(http::header::USER_AGENT, "keel-health-check")
+        .body(())
+        .map(|r| r.into_parts().0)
+        .map_err(|_| {
+            format!("\"{path}\" is not a path and query (no spaces or controls; escape them)")
+        })
+}
+
 fn host_port(text: &str) -> Result<(), String> {
     let bad = || {
         format!("\"{text}\" is not an endpoint like \"127.0.0.1:9001\" or \"payment.internal:80\"")
     };
     if text.parse::<SocketAddr>().is_ok() {
         return Ok(());
+    }
+    if text.len() > 255 + 6 {
+        return Err(format!(
+            "an endpoint of {} bytes is longer than any host name",
+            text.len()
+        ));
     }
     let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
     let host_ok = !host.is_empty()

@@ -44,20 +44,18 @@ impl Table {
         metrics: &Metrics,
     ) -> Result<Table, ConfigErrors> {
         metrics.set_routes(config.routes.iter().map(|r| r.name.as_str()));
-        let upstreams: BTreeMap<String, Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .map(|(name, cfg)| {
-                let kept = old
-                    .and_then(|t| t.upstreams.get(name))
-                    .filter(|u| u.config == *cfg)
-                    .cloned();
-                (
-                    name.clone(),
-                    kept.unwrap_or_else(|| Upstream::new(name, cfg)),
-                )
-            })
-            .collect();
+        let mut upstreams = BTreeMap::new();
+        for (name, cfg) in &config.upstreams {
+            let kept = old
+                .and_then(|t| t.upstreams.get(name))
+                .filter(|u| u.config == *cfg)
+                .cloned();
+            let upstream = match kept {
+                Some(upstream) => upstream,
+                None => Upstream::new(name, cfg).map_err(|e| ConfigErrors(vec![e]))?,
+            };
+            upstreams.insert(name.clone(), upstream);
+        }
         let stores = Stores::open(&config.store, old.map(|t| &t.stores))
             .map_err(|e| ConfigErrors(vec![e]))?;
         let mut errors = Vec::new();

@@ -642,23 +642,21 @@ impl Route {
             None => None,
         };
         let uses_store = once.is_some() || matches!(limiter, Some(Limiter::Shared(..)));
-        let fallback = config.fallback.as_ref().map(|fb| {
-            let mut headers = HeaderMap::new();
-            for (k, v) in &fb.headers {
-                if let (Ok(k), Ok(v)) = (k.parse::<HeaderName>(), HeaderValue::from_str(v)) {
-                    headers.insert(k, v);
-                }
-            }
-            Fallback {
-                status: StatusCode::from_u16(fb.status).unwrap_or(StatusCode::OK),
-                headers,
+        let fallback = match &config.fallback {
+            Some(fb) => Some(Fallback {
+                status: StatusCode::from_u16(fb.status)
+                    .map_err(|_| keel::ConfigError::new("fallback.status", "not an HTTP status"))?,
+                headers: config::fallback_headers(&fb.headers).map_err(|e| {
+                    keel::ConfigError::new(format!("fallback.{}", e.path), e.reason)
+                })?,
                 body: Bytes::from(fb.body.clone()),
                 on: fb
                     .on
                     .as_deref()
                     .map_or_else(Conditions::every_failure, Conditions::new),
-            }
-        });
+            }),
+            None => None,
+        };
         let fault = match &config.fault {
             Some(f) => {
                 let mut chaos = Chaos::builder(name.clone());

@@ -22,7 +22,7 @@ use http::uri::Authority;
 use hyper::body::{Body, Frame, SizeHint};
 use metrics::{Counter, Gauge};
 
-use crate::config;
+use crate::config::{self, FieldError};
 use crate::h1::{Conn, ExchangeError, Framing, RequestBody, Step};
 
 /// Idle connections kept per endpoint at most.
@@ -91,15 +91,34 @@ pub(crate) struct Endpoint {
 
 impl Upstream {
     /// Builds an upstream and, with a runtime, starts its health checks.
-    pub(crate) fn new(name: &str, config: &config::Upstream) -> Arc<Upstream> {
+    /// The configuration was checked with the same parsers; an error names
+    /// its field all the same.
+    pub(crate) fn new(name: &str, config: &config::Upstream) -> Result<Arc<Upstream>, FieldError> {
+        let at = |field: String, reason: String| FieldError {
+            path: format!("upstreams.{name}.{field}"),
+            reason,
+        };
+        let authorities = config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| config::endpoint(e).map_err(|r| at(format!("endpoints[{i}]"), r)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let check = match &config.health_check {
+            Some(hc) => Some((
+                hc.clone(),
+                config::health_check_request(&hc.path)
+                    .map_err(|r| at("health_check.path".into(), r))?,
+            )),
+            None => None,
+        };
         let endpoints = config
             .endpoints
             .iter()
-            .map(|address| Endpoint {
+            .zip(authorities)
+            .map(|(address, authority)| Endpoint {
                 address: address.as_str().into(),
-                authority: address
-                    .parse()
-                    .expect("endpoints are checked to be host:port"),
+                authority,
                 idle: Arc::default(),
                 in_flight: AtomicU32::new(0),
                 healthy: AtomicBool::new(true),
@@ -120,13 +139,20 @@ impl Upstream {
             epoch: Instant::now(),
             checks: std::sync::Mutex::default(),
         });
-        if let Some(hc) = &config.health_check {
+        if let Some((hc, request)) = check {
             let tasks = (0..upstream.endpoints.len())
-                .map(|i| tokio::spawn(health_check(Arc::downgrade(&upstream), i, hc.clone())))
+                .map(|i| {
+                    tokio::spawn(health_check(
+                        Arc::downgrade(&upstream),
+                        i,
+                        hc.clone(),
+                        request.clone(),
+                    ))
+                })
                 .collect();
             *upstream.checks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         }
-        upstream
+        Ok(upstream)
     }
 
     fn now(&self) -> u64 {
@@ -482,14 +508,14 @@ impl Body for PooledBody {
 }
 
 /// Checks endpoint `i` every interval while the upstream lives.
-async fn health_check(upstream: Weak<Upstream>, i: usize, hc: config::HealthCheck) {
+async fn health_check(
+    upstream: Weak<Upstream>,
+    i: usize,
+    hc: config::HealthCheck,
+    request: http::request::Parts,
+) {
     let mut passes = 0u32;
     let mut failures = 0u32;
-    let (request, ()) = http::Request::get(hc.path.as_str())
-        .header(http::header::USER_AGENT, "keel-health-check")
-        .body(())
-        .expect("a GET with a checked path is valid")
-        .into_parts();
     let mut tick = tokio::time::interval(hc.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

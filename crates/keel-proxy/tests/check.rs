@@ -306,3 +306,71 @@ fn store_and_idempotency_tables_take_defaults_and_name_their_errors() {
         "{printed}"
     );
 }
+
+/// Values the running proxy parses are checked by `keel check` (and so on
+/// reload) with the same parsers, naming their field: a health check's path
+/// with a space passed the check and then panicked `keel run`; a UTF-8
+/// fallback header passed and was then silently dropped.
+#[test]
+fn values_the_data_plane_parses_are_checked_where_they_are_read() {
+    let long_host = format!("{}.example:80", "a".repeat(300));
+    for (table, field) in [
+        (
+            "[upstreams.web]\nendpoints = [\"127.0.0.1:9001\"]\nhealth_check = { path = \"/a b\" }\n".to_owned(),
+            "upstreams.web.health_check.path",
+        ),
+        (
+            "[upstreams.web]\nendpoints = [\"127.0.0.1:9001\"]\nhealth_check = { path = \"/a\\u0001\" }\n".to_owned(),
+            "upstreams.web.health_check.path",
+        ),
+        (
+            format!("[upstreams.web]\nendpoints = [\"{long_host}\"]\n"),
+            "upstreams.web.endpoints[0]",
+        ),
+        (
+            "[upstreams.web]\nendpoints = [\"127.0.0.1:9001\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"web\"\nfallback = { status = 200, headers = { \"x-a\" = \"line\\nbreak\" } }\n".to_owned(),
+            "routes[0].fallback.headers.x-a",
+        ),
+        (
+            "[upstreams.web]\nendpoints = [\"127.0.0.1:9001\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/r/../s\"\nupstream = \"web\"\n".to_owned(),
+            "routes[0].path_prefix",
+        ),
+        (
+            "[upstreams.web]\nendpoints = [\"127.0.0.1:9001\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"web\"\n[[routes]]\nname = \"s\"\npath_prefix = \"/r/\"\nupstream = \"web\"\n".to_owned(),
+            "routes[1].path_prefix",
+        ),
+    ] {
+        let text = format!("[server]\nlisten = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:9901\"\n{table}");
+        let (ok, printed) = keel_check(&text);
+        assert!(!ok, "{field}: accepted\n{text}");
+        assert!(printed.contains(&format!("{field}: ")), "{field}: {printed}");
+    }
+    // A header value in UTF-8 is a value, sent as it is.
+    let text =
+        format!("{MINIMAL}fallback = {{ status = 200, headers = {{ \"x-a\" = \"café\" }} }}\n");
+    assert!(keel_check(&text).0);
+}
+
+#[test]
+fn an_admin_plane_off_loopback_needs_a_token_which_is_never_printed() {
+    let open = MINIMAL.replace("admin = \"127.0.0.1:9901\"", "admin = \"0.0.0.0:9901\"");
+    let (ok, printed) = keel_check(&open);
+    assert!(!ok);
+    assert!(
+        printed.contains("server.admin_token: is required"),
+        "{printed}"
+    );
+    let guarded = open.replace("[server]\n", "[server]\nadmin_token = \"hunter2-s3cret\"\n");
+    let (ok, printed) = keel_check(&guarded);
+    assert!(ok, "{printed}");
+    let config = Config::parse(&guarded).unwrap();
+    assert_eq!(
+        config.server.admin_token.as_ref().map(|t| t.expose()),
+        Some("hunter2-s3cret")
+    );
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    // IPv6 loopback is loopback.
+    let v6 = MINIMAL.replace("admin = \"127.0.0.1:9901\"", "admin = \"[::1]:9901\"");
+    assert!(keel_check(&v6).0);
+}

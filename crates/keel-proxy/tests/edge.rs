@@ -164,3 +164,59 @@ async fn a_client_is_answered_before_it_has_sent_all_it_sends() {
     }
     assert_eq!(stub.count(), 0);
 }
+
+#[tokio::test]
+async fn state_changing_admin_requests_need_json_and_the_bearer_scheme_is_any_case() {
+    let stub = Stub::start().await;
+    let keel = Keel::start_with(
+        "admin_token = \"s3cret\"",
+        &format!(
+            "{}{}",
+            upstream("web", &[stub.addr]),
+            route("web", "/", "web", "[routes.circuit_breaker]\n")
+        ),
+    )
+    .await;
+    let open = r#"{"state": "forced_open"}"#;
+    // What a cross-site form post can send without a preflight.
+    for content_type in [
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+    ] {
+        let r = keel
+            .admin(
+                "POST",
+                "/routes/web/circuit_breaker",
+                &[
+                    ("authorization", "Bearer s3cret"),
+                    ("content-type", content_type),
+                ],
+                open,
+            )
+            .await;
+        assert_eq!(r.status, 415, "{content_type}");
+    }
+    assert_eq!(
+        keel.get("/").await.status,
+        200,
+        "the breaker was not switched"
+    );
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let auth = format!("{scheme} s3cret");
+        let r = keel
+            .admin(
+                "POST",
+                "/routes/web/circuit_breaker",
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json; charset=utf-8"),
+                ],
+                open,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{scheme}: {}", r.body);
+    }
+    assert_eq!(keel.get("/").await.status, 503);
+    assert!(!keel.log_text().contains("s3cret"));
+}

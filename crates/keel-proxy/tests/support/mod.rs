@@ -425,6 +425,8 @@ impl Keel {
         self.send(self.admin, "GET", path, &[], "").await
     }
 
+    /// An admin request; a POST is sent as JSON unless `headers` give a
+    /// content type.
     pub async fn admin(
         &self,
         method: &str,
@@ -432,7 +434,15 @@ impl Keel {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Answer {
-        self.send(self.admin, method, path, headers, body)
+        let mut headers = headers.to_vec();
+        if method == "POST"
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            headers.push(("content-type", "application/json"));
+        }
+        self.send(self.admin, method, path, &headers, body)
             .await
             .unwrap()
     }
