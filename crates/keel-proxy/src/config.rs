@@ -169,6 +169,10 @@ pub struct Server {
     /// Threads serving requests (default: one per CPU).
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Client connections open on the data plane at most (default
+    /// 10000); beyond, new ones are accepted and closed at once.
+    #[serde(default = "max_client_connections")]
+    pub max_connections: usize,
     /// Whether a client's `x-keel-priority` header is believed (default
     /// false: the route's `priority` applies, whatever the client claims).
     #[serde(default)]
@@ -212,6 +216,18 @@ pub struct Upstream {
     /// Passive outlier detection per endpoint (on by default).
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// A pooled connection unused this long is closed (default 90s).
+    #[serde(default = "ninety_seconds", with = "keel::config::duration")]
+    pub idle_timeout: Duration,
+    /// Connections open to each endpoint at most, idle or busy (default
+    /// 1024); a request that finds none free waits for one within
+    /// `connect_timeout`.
+    #[serde(default = "max_upstream_connections")]
+    pub max_connections: u32,
+    /// The longest an upstream response, head or body, may go without a
+    /// byte once the request is sent (default 30s).
+    #[serde(default = "thirty_seconds", with = "keel::config::duration")]
+    pub read_timeout: Duration,
 }
 
 /// An upstream's outlier detection: an endpoint failing this many times in
@@ -669,6 +685,15 @@ fn high() -> Priority {
 fn fail_open() -> FailMode {
     FailMode::FailOpen
 }
+fn max_client_connections() -> usize {
+    10_000
+}
+fn ninety_seconds() -> Duration {
+    Duration::from_secs(90)
+}
+fn max_upstream_connections() -> u32 {
+    1024
+}
 fn service_unavailable() -> u16 {
     503
 }
@@ -725,6 +750,9 @@ impl Config {
                 "must be at least 1 (leave it out for one per CPU)".into(),
             );
         }
+        if self.server.max_connections == 0 {
+            err("server.max_connections".into(), "must be at least 1".into());
+        }
         if self.server.request_head_timeout.is_zero() {
             err(
                 "server.request_head_timeout".into(),
@@ -769,6 +797,11 @@ impl Config {
                 format!("{at}.connect_timeout"),
                 up.connect_timeout,
             );
+            positive(&mut err, format!("{at}.idle_timeout"), up.idle_timeout);
+            positive(&mut err, format!("{at}.read_timeout"), up.read_timeout);
+            if up.max_connections == 0 {
+                err(format!("{at}.max_connections"), "must be at least 1".into());
+            }
             let od = &up.outlier_detection;
             if od.consecutive_failures > 0 {
                 positive(

@@ -28,6 +28,11 @@ pub(crate) const IN_FLIGHT: &str = "keel_in_flight";
 pub(crate) const UPSTREAM_HEALTHY: &str = "keel_upstream_healthy";
 /// Endpoints taken out of rotation by outlier detection.
 pub(crate) const EJECTIONS: &str = "keel_upstream_ejections_total";
+/// Client connections open, by plane (`data`, `admin`).
+pub(crate) const CONNECTIONS: &str = "keel_connections";
+/// Client connections closed at once because their plane's budget was
+/// spent, by plane.
+pub(crate) const CONNECTIONS_REJECTED: &str = "keel_connections_rejected_total";
 
 /// The route label's value for requests no route matched.
 pub(crate) const UNMATCHED: &str = "unmatched";

@@ -1117,12 +1117,13 @@ impl Route {
         let result = self.upstream.send(picked.endpoint, parts, body).await;
         match &result {
             Ok(response) => picked.done(response.status().is_server_error()),
-            // The client's body failed: outlier detection hears nothing.
-            Err(SendError::RequestBody) => drop(picked),
+            // The client's body failed, or keel's own bound on
+            // connections held it back: outlier detection hears nothing.
+            Err(SendError::RequestBody | SendError::PoolFull) => drop(picked),
             Err(_) => picked.done(true),
         }
         result.map_err(|e| match e {
-            SendError::Connect => Failure::Connect,
+            SendError::Connect | SendError::PoolFull => Failure::Connect,
             SendError::Reset => Failure::Reset,
             SendError::RequestBody => Failure::BadBody,
         })

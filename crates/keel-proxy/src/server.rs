@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,56 @@ use crate::route::Peer;
 
 /// Requests' heads may take this much buffer; larger ones get 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Admin connections open at once at most: the admin plane's own budget,
+/// so that probes and scrapes are answered whatever the data plane's
+/// clients do.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
+
+/// One plane's client connections, against its budget.
+#[derive(Debug)]
+struct Budget {
+    open: AtomicUsize,
+    gauge: metrics::Gauge,
+    rejected: metrics::Counter,
+}
+
+impl Budget {
+    fn new(plane: &'static str) -> Arc<Budget> {
+        Arc::new(Budget {
+            open: AtomicUsize::new(0),
+            gauge: metrics::gauge!(crate::metrics::CONNECTIONS, "plane" => plane),
+            rejected: metrics::counter!(crate::metrics::CONNECTIONS_REJECTED, "plane" => plane),
+        })
+    }
+
+    /// A place for one more connection, if fewer than `max` are open;
+    /// else the refusal is counted (the caller closes the connection).
+    fn admit(self: &Arc<Self>, max: usize) -> Option<Admitted> {
+        let admitted = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            self.rejected.increment(1);
+            return None;
+        }
+        self.gauge.increment(1.0);
+        Some(Admitted(self.clone()))
+    }
+}
+
+/// A connection counted in its plane's budget until it ends.
+#[derive(Debug)]
+struct Admitted(Arc<Budget>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.decrement(1.0);
+    }
+}
 
 /// Reads and checks the configuration file.
 pub fn load(path: &Path) -> Result<Config, String> {
@@ -87,10 +137,11 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
     tracing::info!(listen = %listen, admin = %admin_at, config = %path.display(), "keel is serving");
 
     let graceful = GracefulShutdown::new();
+    let budget = Budget::new("data");
     loop {
         tokio::select! {
             accepted = data.accept() => match accepted {
-                Ok((stream, peer)) => connection(stream, peer, &proxy, &graceful),
+                Ok((stream, peer)) => connection(stream, peer, &proxy, &graceful, &budget),
                 Err(e) => {
                     // Out of file descriptors and the like: wait, go on.
                     tracing::warn!(error = %e, "accept failed");
@@ -126,15 +177,22 @@ async fn serve(path: PathBuf, config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Serves one accepted connection on its own task, watched by `graceful`.
+/// Serves one accepted connection on its own task, watched by `graceful`;
+/// past `server.max_connections` open, closes it at once.
 fn connection(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     proxy: &Arc<Proxy>,
     graceful: &GracefulShutdown,
+    budget: &Arc<Budget>,
 ) {
+    let server = &proxy.table().config.server;
+    let Some(admitted) = budget.admit(server.max_connections) else {
+        tracing::debug!(%peer, max = server.max_connections, "connection closed at once: server.max_connections are open");
+        return;
+    };
     let _ = stream.set_nodelay(true);
-    let head_timeout = proxy.table().config.server.request_head_timeout;
+    let head_timeout = server.request_head_timeout;
     let waiting = Waiting::new();
     let proxy = proxy.clone();
     let client = Arc::new(Peer::new(peer));
@@ -159,6 +217,7 @@ fn connection(
         .serve_connection(TokioIo::new(Lingering::new(stream)), service);
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
+        let _admitted = admitted;
         match until_idle(connection, &waiting, head_timeout).await {
             Some(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -188,12 +247,13 @@ pub(crate) async fn serve_in_process(
     proxy.started.store(true, Ordering::Release);
     started(proxy.clone());
     let graceful = GracefulShutdown::new();
+    let budget = Budget::new("data");
     let mut stop = std::pin::pin!(stop);
     loop {
         tokio::select! {
             accepted = data.accept() => {
                 if let Ok((stream, peer)) = accepted {
-                    connection(stream, peer, &proxy, &graceful);
+                    connection(stream, peer, &proxy, &graceful, &budget);
                 }
             }
             () = &mut stop => break,
@@ -234,6 +294,7 @@ fn reload(path: &Path, proxy: &Proxy) {
 }
 
 async fn serve_admin(listener: TcpListener, proxy: Arc<Proxy>) {
+    let budget = Budget::new("admin");
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -243,8 +304,12 @@ async fn serve_admin(listener: TcpListener, proxy: Arc<Proxy>) {
                 continue;
             }
         };
+        let Some(admitted) = budget.admit(MAX_ADMIN_CONNECTIONS) else {
+            continue;
+        };
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let service = service_fn(move |request| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(crate::admin::handle(proxy, request).await) }
@@ -257,12 +322,19 @@ async fn serve_admin(listener: TcpListener, proxy: Arc<Proxy>) {
     }
 }
 
-/// Drains histogram samples now and then, so memory stays flat between
-/// scrapes.
+/// Every second, closes upstream connections idle past their
+/// `idle_timeout`; every five, drains histogram samples, so memory stays
+/// flat between scrapes.
 async fn upkeep(proxy: Arc<Proxy>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0u64.. {
         tick.tick().await;
-        proxy.metrics.upkeep();
+        for upstream in proxy.table().upstreams.values() {
+            upstream.close_idle();
+        }
+        if n % 5 == 0 {
+            proxy.metrics.upkeep();
+        }
     }
 }

@@ -25,14 +25,14 @@ use metrics::{Counter, Gauge};
 use crate::config::{self, FieldError};
 use crate::h1::{Conn, ExchangeError, Framing, RequestBody, Step};
 
-/// Idle connections kept per endpoint at most.
-const MAX_IDLE_PER_ENDPOINT: usize = 512;
-
 /// Why an attempt got no response from the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SendError {
     /// No connection could be made (or no endpoint is in rotation).
     Connect,
+    /// The endpoint's `max_connections` were all busy until the connect
+    /// timeout: keel's own bound, not the endpoint failing.
+    PoolFull,
     /// The connection failed after the request was (maybe) sent.
     Reset,
     /// The client's request body failed or ended short: the upstream is
@@ -74,8 +74,9 @@ impl std::fmt::Debug for Upstream {
 pub(crate) struct Endpoint {
     pub(crate) address: Arc<str>,
     authority: Authority,
-    /// Kept-alive connections ready for a request, most recent last.
-    idle: Arc<Idle>,
+    /// Its connections: the kept-alive ones ready for a request, and the
+    /// count of all open.
+    pool: Arc<Pool>,
     in_flight: AtomicU32,
     /// Passing its health checks (always, without any).
     healthy: AtomicBool,
@@ -119,7 +120,7 @@ impl Upstream {
             .map(|(address, authority)| Endpoint {
                 address: address.as_str().into(),
                 authority,
-                idle: Arc::default(),
+                pool: Arc::new(Pool::new(config)),
                 in_flight: AtomicU32::new(0),
                 healthy: AtomicBool::new(true),
                 consecutive_failures: AtomicU32::new(0),
@@ -234,7 +235,8 @@ impl Upstream {
         body: RequestBody,
     ) -> Result<http::Response<PooledBody>, SendError> {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut conn = self.connection(endpoint).await?;
+        let mut leased = self.connection(endpoint).await?;
+        let conn = &mut leased.conn;
         if let Some(written) = parts.extensions.get::<Written>() {
             written.0.fetch_add(1, Ordering::AcqRel);
         }
@@ -257,9 +259,9 @@ impl Upstream {
         let mut response = http::Response::new(PooledBody {
             prefix: None,
             framing: head.framing,
-            conn: Some(conn),
+            conn: Some(leased),
             keep_alive: head.keep_alive,
-            idle: endpoint.idle.clone(),
+            pool: endpoint.pool.clone(),
         });
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
@@ -271,20 +273,53 @@ impl Upstream {
     }
 
     /// A connection to `endpoint` ready for a request: the most recently
-    /// used idle one that is still open, else a new one.
-    async fn connection(&self, endpoint: &Endpoint) -> Result<Conn, SendError> {
-        while let Some(conn) = endpoint.idle.take() {
-            if conn.is_usable() {
-                return Ok(conn);
+    /// used idle one that is still open, else a new one if the endpoint
+    /// has fewer than `max_connections`, else the first to come free, all
+    /// within `connect_timeout`.
+    async fn connection(&self, endpoint: &Endpoint) -> Result<Leased, SendError> {
+        let pool = &endpoint.pool;
+        let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
+        loop {
+            if let Some(leased) = pool.take() {
+                return Ok(leased);
+            }
+            if let Some(slot) = pool.slot() {
+                let connect = tokio::net::TcpStream::connect(endpoint.address.as_ref());
+                let stream = match tokio::time::timeout_at(deadline, connect).await {
+                    Ok(Ok(stream)) => stream,
+                    _ => return Err(SendError::Connect),
+                };
+                let _ = stream.set_nodelay(true);
+                return Ok(Leased {
+                    conn: Conn::new(stream),
+                    _slot: slot,
+                });
+            }
+            // Every connection is busy: wait for one to be put back or
+            // closed. Registered before looking again, so that neither
+            // can slip by unheard.
+            let freed = pool.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            pool.waiting.fetch_add(1, Ordering::SeqCst);
+            let ready = pool.has_idle() || pool.has_room();
+            let waited = if ready {
+                Ok(())
+            } else {
+                tokio::time::timeout_at(deadline, freed).await
+            };
+            pool.waiting.fetch_sub(1, Ordering::SeqCst);
+            if waited.is_err() {
+                return Err(SendError::PoolFull);
             }
         }
-        let connect = tokio::net::TcpStream::connect(endpoint.address.as_ref());
-        let stream = match tokio::time::timeout(self.config.connect_timeout, connect).await {
-            Ok(Ok(stream)) => stream,
-            _ => return Err(SendError::Connect),
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(Conn::new(stream))
+    }
+
+    /// Closes the connections idle longer than `idle_timeout`.
+    pub(crate) fn close_idle(&self) {
+        for e in self.endpoints.iter() {
+            e.pool.close_idle();
+        }
     }
 
     fn record(&self, endpoint: &Endpoint, failed: bool) {
@@ -386,20 +421,113 @@ impl Drop for Picked<'_> {
     }
 }
 
-/// An endpoint's idle connections.
-#[derive(Default)]
-struct Idle(std::sync::Mutex<Vec<Conn>>);
+/// An upstream connection, counted against its endpoint's
+/// `max_connections` while it is open.
+pub(crate) struct Leased {
+    pub(crate) conn: Conn,
+    _slot: Slot,
+}
 
-impl Idle {
-    fn take(&self) -> Option<Conn> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+/// An endpoint's connections: the idle ones, and how many are open.
+struct Pool {
+    /// Kept-alive connections ready for a request and since when they are
+    /// idle, the most recent last.
+    idle: std::sync::Mutex<Vec<(Leased, Instant)>>,
+    open: Arc<Open>,
+    /// Requests waiting for a connection to come free.
+    waiting: AtomicU32,
+    freed: Arc<tokio::sync::Notify>,
+    idle_timeout: std::time::Duration,
+}
+
+/// The count of an endpoint's open connections.
+struct Open {
+    count: AtomicU32,
+    max: u32,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+/// One open connection's place in the count.
+struct Slot(Arc<Open>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        // A waiter, if any, may open one now.
+        self.0.freed.notify_one();
+    }
+}
+
+impl Pool {
+    fn new(config: &config::Upstream) -> Pool {
+        let freed = Arc::new(tokio::sync::Notify::new());
+        Pool {
+            idle: std::sync::Mutex::default(),
+            open: Arc::new(Open {
+                count: AtomicU32::new(0),
+                max: config.max_connections,
+                freed: freed.clone(),
+            }),
+            waiting: AtomicU32::new(0),
+            freed,
+            idle_timeout: config.idle_timeout,
+        }
     }
 
-    fn put(&self, conn: Conn) {
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(conn);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Leased, Instant)>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection that is still open and was
+    /// idle less than `idle_timeout`.
+    fn take(&self) -> Option<Leased> {
+        let mut idle = self.lock();
+        while let Some((leased, since)) = idle.pop() {
+            if since.elapsed() >= self.idle_timeout {
+                // The rest are older still.
+                idle.clear();
+                return None;
+            }
+            if leased.conn.is_usable() {
+                return Some(leased);
+            }
         }
+        None
+    }
+
+    fn put(&self, leased: Leased) {
+        self.lock().push((leased, Instant::now()));
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_one();
+        }
+    }
+
+    /// A place for a new connection, if the endpoint has room.
+    fn slot(&self) -> Option<Slot> {
+        let open = &self.open;
+        open.count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < open.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(open.clone()))
+    }
+
+    fn has_idle(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    fn has_room(&self) -> bool {
+        self.open.count.load(Ordering::SeqCst) < self.open.max
+    }
+
+    fn close_idle(&self) {
+        let mut idle = self.lock();
+        let expired = idle
+            .iter()
+            .take_while(|(_, since)| since.elapsed() >= self.idle_timeout)
+            .count();
+        idle.drain(..expired);
     }
 }
 
@@ -412,9 +540,9 @@ pub(crate) struct PooledBody {
     prefix: Option<Bytes>,
     framing: Framing,
     /// `None` once the body is read or failed.
-    conn: Option<Conn>,
+    conn: Option<Leased>,
     keep_alive: bool,
-    idle: Arc<Idle>,
+    pool: Arc<Pool>,
 }
 
 impl PooledBody {
@@ -426,9 +554,9 @@ impl PooledBody {
     }
 
     fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if self.keep_alive && conn.is_clean() {
-                self.idle.put(conn);
+        if let Some(leased) = self.conn.take() {
+            if self.keep_alive && leased.conn.is_clean() {
+                self.pool.put(leased);
             }
         }
     }
@@ -447,7 +575,7 @@ impl Body for PooledBody {
             return Poll::Ready(Some(Ok(Frame::data(read))));
         }
         loop {
-            let Some(conn) = this.conn.as_mut() else {
+            let Some(Leased { conn, .. }) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
             match conn.decode(&mut this.framing) {

@@ -220,3 +220,183 @@ async fn state_changing_admin_requests_need_json_and_the_bearer_scheme_is_any_ca
     assert_eq!(keel.get("/").await.status, 503);
     assert!(!keel.log_text().contains("s3cret"));
 }
+
+#[tokio::test]
+async fn past_max_connections_new_clients_are_closed_and_the_admin_plane_answers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stub = Stub::start().await;
+    let keel = Keel::start_with(
+        "max_connections = 5",
+        &format!(
+            "{}{}",
+            upstream("web", &[stub.addr]),
+            route("web", "/", "web", "")
+        ),
+    )
+    .await;
+    let open = |n: f64| {
+        let keel = &keel;
+        async move {
+            support::eventually(Duration::from_secs(10), || async {
+                (keel.metric("keel_connections{plane=\"data\"}").await == Some(n)).then_some(())
+            })
+            .await
+            .unwrap_or_else(|| panic!("{n} connections never counted open"))
+        }
+    };
+    // Five idle clients take every place.
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(tokio::net::TcpStream::connect(keel.listen).await.unwrap());
+    }
+    open(5.0).await;
+    // The sixth is closed at once, without an answer.
+    let mut sixth = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+    let _ = sixth.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), sixth.read_to_end(&mut out))
+        .await
+        .expect("closed at once");
+    assert!(
+        read.is_err() || out.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        keel.metric("keel_connections_rejected_total{plane=\"data\"}")
+            .await,
+        Some(1.0)
+    );
+    // The admin plane keeps its own budget.
+    assert_eq!(keel.admin_get("/health/live").await.unwrap().status, 200);
+    assert_eq!(stub.count(), 0);
+    // One leaves: there is room again.
+    drop(idle.pop());
+    open(4.0).await;
+    let a = raw(
+        keel.listen,
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&a), 200, "{a}");
+}
+
+/// A raw upstream answering every request `200 ok` on keep-alive
+/// connections; reports each connection's close (by the peer), with its
+/// number.
+async fn closing_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, std::time::Instant)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                let _ = closed.send((n, std::time::Instant::now()));
+            });
+        }
+    });
+    (addr, closes)
+}
+
+#[tokio::test]
+async fn pooled_upstream_connections_close_after_their_idle_timeout() {
+    let (addr, mut closes) = closing_upstream().await;
+    let keel = Keel::start(&format!(
+        "[upstreams.web]\nendpoints = [\"{addr}\"]\nidle_timeout = \"1s\"\n{}",
+        route("web", "/", "web", "")
+    ))
+    .await;
+    assert_eq!(keel.get("/").await.status, 200);
+    let answered = std::time::Instant::now();
+    let (n, at) = tokio::time::timeout(Duration::from_secs(10), closes.recv())
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    assert_eq!(n, 0);
+    let idle = at - answered;
+    assert!(
+        idle >= Duration::from_millis(900),
+        "closed after {idle:?}, before its idle timeout"
+    );
+    // The next request opens a new one.
+    assert_eq!(keel.get("/").await.status, 200);
+    assert_eq!(keel.get("/").await.status, 200);
+    assert!(
+        closes.try_recv().is_err(),
+        "the new one is reused, not closed"
+    );
+}
+
+#[tokio::test]
+async fn upstream_connections_never_exceed_max_connections_per_endpoint() {
+    use support::Reply;
+    let stub = Stub::start().await;
+    stub.behave(|_, _| Reply::ok("held\n").after(Duration::from_millis(300)));
+    let keel = std::sync::Arc::new(
+        Keel::start(&format!(
+            "[upstreams.web]\nendpoints = [\"{}\"]\nmax_connections = 2\nconnect_timeout = \"10s\"\noutlier_detection = {{ consecutive_failures = 0 }}\n{}",
+            stub.addr,
+            route("web", "/", "web", "")
+        ))
+        .await,
+    );
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let keel = keel.clone();
+            tokio::spawn(async move { keel.get("/").await.status })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200, "every request waits its turn");
+    }
+    assert_eq!(stub.count(), 8);
+    assert_eq!(stub.connections(), 2, "two connections carried all eight");
+
+    // None comes free within connect_timeout: upstream-unavailable.
+    stub.behave(|_, _| Reply::ok("held\n").after(Duration::from_secs(3)));
+    let keel = std::sync::Arc::new(
+        Keel::start(&format!(
+            "[upstreams.web]\nendpoints = [\"{}\"]\nmax_connections = 1\nconnect_timeout = \"200ms\"\noutlier_detection = {{ consecutive_failures = 0 }}\n{}",
+            stub.addr,
+            route("web", "/", "web", "")
+        ))
+        .await,
+    );
+    let k = keel.clone();
+    let held = tokio::spawn(async move { k.get("/").await.status });
+    support::eventually(Duration::from_secs(5), || async {
+        (stub.count() == 9).then_some(())
+    })
+    .await
+    .unwrap();
+    let r = keel.get("/").await;
+    assert_eq!((r.status, r.reason()), (502, Some("upstream-unavailable")));
+    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(stub.count(), 9);
+}
