@@ -162,6 +162,14 @@ pub struct Server {
     /// its previous response) before it is closed.
     #[serde(default = "thirty_seconds", with = "keel::config::duration")]
     pub request_head_timeout: Duration,
+    /// The longest a request body may go without a byte (default 30s);
+    /// then 408 and the connection closes.
+    #[serde(default = "thirty_seconds", with = "keel::config::duration")]
+    pub request_body_timeout: Duration,
+    /// The longest keel waits for a client to take more of a response
+    /// (default 60s); then the connection closes.
+    #[serde(default = "sixty_seconds", with = "keel::config::duration")]
+    pub response_idle_timeout: Duration,
     /// A bearer token required on admin requests except the health ones;
     /// required when `admin` is not a loopback address.
     #[serde(default)]
@@ -688,6 +696,9 @@ fn fail_open() -> FailMode {
 fn max_client_connections() -> usize {
     10_000
 }
+fn sixty_seconds() -> Duration {
+    Duration::from_secs(60)
+}
 fn ninety_seconds() -> Duration {
     Duration::from_secs(90)
 }
@@ -753,11 +764,12 @@ impl Config {
         if self.server.max_connections == 0 {
             err("server.max_connections".into(), "must be at least 1".into());
         }
-        if self.server.request_head_timeout.is_zero() {
-            err(
-                "server.request_head_timeout".into(),
-                "must be longer than zero".into(),
-            );
+        for (field, d) in [
+            ("request_head_timeout", self.server.request_head_timeout),
+            ("request_body_timeout", self.server.request_body_timeout),
+            ("response_idle_timeout", self.server.response_idle_timeout),
+        ] {
+            positive(&mut err, format!("server.{field}"), d);
         }
         match (&self.server.admin_token, socket_addr(&self.server.admin)) {
             (Some(token), _) if token.expose().is_empty() => err(

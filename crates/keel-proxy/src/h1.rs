@@ -21,14 +21,18 @@ use std::future::Future as _;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+
+use crate::stall::{ClientBody, ClientBodyError};
 
 /// Longest response head (or trailer section) accepted.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -46,7 +50,7 @@ const INLINE_BODY: usize = 16 * 1024;
 #[derive(Debug)]
 pub(crate) enum RequestBody {
     Buffered(Bytes),
-    Streaming(Incoming),
+    Streaming(ClientBody),
 }
 
 /// How a response body is delimited, and how far it has been read.
@@ -100,11 +104,14 @@ pub(crate) struct Head {
 /// Why an exchange failed.
 #[derive(Debug)]
 pub(crate) enum ExchangeError {
-    /// The client's request body failed or ended short of its length: not
-    /// the upstream's doing.
-    RequestBody(io::Error),
+    /// The client's request body stalled, failed or ended short of its
+    /// length: not the upstream's doing.
+    RequestBody(ClientBodyError),
     /// The connection, or the upstream's answer.
     Io(io::Error),
+    /// No response head within the upstream's `read_timeout` of the
+    /// request's end.
+    HeadTimeout,
 }
 
 impl From<io::Error> for ExchangeError {
@@ -118,6 +125,7 @@ impl std::fmt::Display for ExchangeError {
         match self {
             ExchangeError::RequestBody(e) => write!(f, "the client's request body: {e}"),
             ExchangeError::Io(e) => e.fmt(f),
+            ExchangeError::HeadTimeout => f.write_str("no response head within read_timeout"),
         }
     }
 }
@@ -158,141 +166,63 @@ impl Conn {
     }
 
     /// Sends the request (origin-form `target`, `host` when the request has
-    /// none) and reads the response head.
+    /// none) and reads the response head, both at once: an upstream may
+    /// answer before the request's body is all sent (a 413, a 401), and
+    /// close. Its answer is then the exchange's, and the rest of the body
+    /// is not sent (the connection is not reused: [`Head::keep_alive`] is
+    /// false). `head_timeout`, counted from the end of the request, bounds
+    /// the wait for the head.
     pub(crate) async fn exchange(
         &mut self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        host: &str,
+        request: Outgoing<'_>,
         body: RequestBody,
+        head_timeout: Option<Duration>,
     ) -> Result<Head, ExchangeError> {
-        self.write_request(method, target, headers, host, body)
-            .await?;
-        Ok(self.read_head(method).await?)
-    }
-
-    async fn write_request(
-        &mut self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        host: &str,
-        body: RequestBody,
-    ) -> Result<(), ExchangeError> {
-        let w = &mut self.write;
-        w.clear();
-        w.extend_from_slice(method.as_str().as_bytes());
-        w.push(b' ');
-        w.extend_from_slice(target.as_bytes());
-        w.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut has_host = false;
-        for (name, value) in headers {
-            // Framing is keel's to write, for the body it sends.
-            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-                continue;
-            }
-            has_host |= name == header::HOST;
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
-        }
-        if !has_host {
-            w.extend_from_slice(b"host: ");
-            w.extend_from_slice(host.as_bytes());
-            w.extend_from_slice(b"\r\n");
-        }
-        let body = match body {
-            RequestBody::Streaming(b) if b.is_end_stream() => RequestBody::Buffered(Bytes::new()),
-            other => other,
-        };
-        match body {
-            RequestBody::Buffered(bytes) => {
-                if !bytes.is_empty() || expects_body(method) {
-                    write_length(w, bytes.len() as u64);
-                }
-                w.extend_from_slice(b"\r\n");
-                if bytes.len() <= INLINE_BODY {
-                    w.extend_from_slice(&bytes);
-                    self.io.write_all(&self.write).await?;
-                } else {
-                    self.io.write_all(&self.write).await?;
-                    self.io.write_all(&bytes).await?;
-                }
-                Ok(())
-            }
-            RequestBody::Streaming(body) => self.stream_body(body).await,
-        }
-    }
-
-    /// A body as it arrives: with its length when that is known, else
-    /// chunked. Its trailers are dropped.
-    async fn stream_body(&mut self, mut body: Incoming) -> Result<(), ExchangeError> {
-        let length = body.size_hint().exact();
-        match length {
-            Some(n) => write_length(&mut self.write, n),
-            None => self
-                .write
-                .extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        }
-        self.write.extend_from_slice(b"\r\n");
-        self.io.write_all(&self.write).await?;
-        let mut sent = 0u64;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ExchangeError::RequestBody(io::Error::other(e)))?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if data.is_empty() {
-                continue;
-            }
-            sent += data.len() as u64;
-            if length.is_some() {
-                self.io.write_all(&data).await?;
-            } else {
-                // The chunk's size line, and a small chunk with its CRLF,
-                // in one write.
-                let w = &mut self.write;
-                w.clear();
-                let _ = write!(w, "{:x}\r\n", data.len());
-                if data.len() <= INLINE_BODY {
-                    w.extend_from_slice(&data);
-                    w.extend_from_slice(b"\r\n");
-                    self.io.write_all(&self.write).await?;
-                } else {
-                    self.io.write_all(&self.write).await?;
-                    self.io.write_all(&data).await?;
-                    self.io.write_all(b"\r\n").await?;
+        let method = request.method;
+        let (mut reader, mut writer) = self.io.split();
+        let send = write_request(&mut writer, &mut self.write, request, body);
+        let receive = read_head(&mut reader, &mut self.read, method);
+        let (mut send, mut receive) = (std::pin::pin!(send), std::pin::pin!(receive));
+        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        let mut sent: Option<Result<(), ExchangeError>> = None;
+        std::future::poll_fn(|cx| {
+            if sent.is_none() {
+                if let Poll::Ready(result) = send.as_mut().poll(cx) {
+                    if let Err(ExchangeError::RequestBody(e)) = result {
+                        // The client's doing: the exchange is over.
+                        return Poll::Ready(Err(ExchangeError::RequestBody(e)));
+                    }
+                    // A failed write still lets an answer already sent be
+                    // read.
+                    sent = Some(result);
+                    if let Some(t) = head_timeout {
+                        timer.set(Some(tokio::time::sleep(t)));
+                    }
                 }
             }
-        }
-        match length {
-            Some(n) if n != sent => Err(ExchangeError::RequestBody(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "it ended before its length",
-            ))),
-            Some(_) => Ok(()),
-            None => Ok(self.io.write_all(b"0\r\n\r\n").await?),
-        }
-    }
-
-    async fn read_head(&mut self, method: &Method) -> io::Result<Head> {
-        loop {
-            if let Some(head) = parse_head(&mut self.read, method)? {
-                return Ok(head);
+            match receive.as_mut().poll(cx) {
+                Poll::Ready(Ok(mut head)) => {
+                    if !matches!(sent, Some(Ok(()))) {
+                        head.keep_alive = false;
+                    }
+                    return Poll::Ready(Ok(head));
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(match sent.take() {
+                        Some(Err(write)) => write,
+                        _ => ExchangeError::Io(e),
+                    }))
+                }
+                Poll::Pending => {}
             }
-            if self.read.len() >= MAX_HEAD {
-                return Err(invalid("the response head is over 64 KiB"));
+            if let Some(timer) = timer.as_mut().as_pin_mut() {
+                if timer.poll(cx).is_ready() {
+                    return Poll::Ready(Err(ExchangeError::HeadTimeout));
+                }
             }
-            self.read.reserve(READ_SPACE);
-            if self.io.read_buf(&mut self.read).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the upstream closed the connection before a response",
-                ));
-            }
-        }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Reads what the upstream sent next into the buffer: `Ok(0)` at its end.
@@ -307,6 +237,145 @@ impl Conn {
     /// The next step of decoding the body framed by `framing`.
     pub(crate) fn decode(&mut self, framing: &mut Framing) -> io::Result<Step> {
         decode(framing, &mut self.read)
+    }
+}
+
+/// A request's head as it goes upstream.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outgoing<'a> {
+    pub(crate) method: &'a Method,
+    /// Origin form: path and query.
+    pub(crate) target: &'a str,
+    pub(crate) headers: &'a HeaderMap,
+    /// Sent as `host` when the request has none.
+    pub(crate) host: &'a str,
+}
+
+async fn write_request(
+    io: &mut WriteHalf<'_>,
+    w: &mut Vec<u8>,
+    request: Outgoing<'_>,
+    body: RequestBody,
+) -> Result<(), ExchangeError> {
+    let Outgoing {
+        method,
+        target,
+        headers,
+        host,
+    } = request;
+    w.clear();
+    w.extend_from_slice(method.as_str().as_bytes());
+    w.push(b' ');
+    w.extend_from_slice(target.as_bytes());
+    w.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
+    for (name, value) in headers {
+        // Framing is keel's to write, for the body it sends.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        has_host |= name == header::HOST;
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        w.extend_from_slice(b"host: ");
+        w.extend_from_slice(host.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    let body = match body {
+        RequestBody::Streaming(b) if b.is_end_stream() => RequestBody::Buffered(Bytes::new()),
+        other => other,
+    };
+    match body {
+        RequestBody::Buffered(bytes) => {
+            if !bytes.is_empty() || expects_body(method) {
+                write_length(w, bytes.len() as u64);
+            }
+            w.extend_from_slice(b"\r\n");
+            if bytes.len() <= INLINE_BODY {
+                w.extend_from_slice(&bytes);
+                io.write_all(w).await?;
+            } else {
+                io.write_all(w).await?;
+                io.write_all(&bytes).await?;
+            }
+            Ok(())
+        }
+        RequestBody::Streaming(body) => stream_body(io, w, body).await,
+    }
+}
+
+/// A body as it arrives: with its length when that is known, else
+/// chunked. Its trailers are dropped.
+async fn stream_body(
+    io: &mut WriteHalf<'_>,
+    w: &mut Vec<u8>,
+    mut body: ClientBody,
+) -> Result<(), ExchangeError> {
+    let length = body.size_hint().exact();
+    match length {
+        Some(n) => write_length(w, n),
+        None => w.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    w.extend_from_slice(b"\r\n");
+    io.write_all(w).await?;
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ExchangeError::RequestBody)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if length.is_some() {
+            io.write_all(&data).await?;
+        } else {
+            // The chunk's size line, and a small chunk with its CRLF, in
+            // one write.
+            w.clear();
+            let _ = write!(w, "{:x}\r\n", data.len());
+            if data.len() <= INLINE_BODY {
+                w.extend_from_slice(&data);
+                w.extend_from_slice(b"\r\n");
+                io.write_all(w).await?;
+            } else {
+                io.write_all(w).await?;
+                io.write_all(&data).await?;
+                io.write_all(b"\r\n").await?;
+            }
+        }
+    }
+    match length {
+        Some(n) if n != sent => Err(ExchangeError::RequestBody(ClientBodyError::Short)),
+        Some(_) => Ok(()),
+        None => Ok(io.write_all(b"0\r\n\r\n").await?),
+    }
+}
+
+async fn read_head(
+    io: &mut ReadHalf<'_>,
+    read: &mut BytesMut,
+    method: &Method,
+) -> io::Result<Head> {
+    loop {
+        if let Some(head) = parse_head(read, method)? {
+            return Ok(head);
+        }
+        if read.len() >= MAX_HEAD {
+            return Err(invalid("the response head is over 64 KiB"));
+        }
+        read.reserve(READ_SPACE);
+        if io.read_buf(read).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the upstream closed the connection before a response",
+            ));
+        }
     }
 }
 
@@ -915,11 +984,14 @@ mod tests {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
         let head = conn
             .exchange(
-                &Method::POST,
-                "/p?q=1",
-                &headers,
-                "up:80",
+                Outgoing {
+                    method: &Method::POST,
+                    target: "/p?q=1",
+                    headers: &headers,
+                    host: "up:80",
+                },
                 RequestBody::Buffered(Bytes::from_static(b"body")),
+                None,
             )
             .await
             .unwrap();

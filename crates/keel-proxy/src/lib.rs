@@ -22,6 +22,7 @@ mod path;
 mod proxy;
 mod route;
 mod server;
+mod stall;
 mod store;
 mod upstream;
 

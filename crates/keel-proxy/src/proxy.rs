@@ -21,6 +21,7 @@ use crate::config::{Config, ConfigErrors, FieldError};
 use crate::metrics::{Metrics, RouteMetrics, UNMATCHED};
 use crate::path::AboveRoot;
 use crate::route::{Failure, Peer, ResponseBody, Route, PRIORITY};
+use crate::stall::ClientBody;
 use crate::store::Stores;
 use crate::upstream::Upstream;
 
@@ -188,7 +189,11 @@ impl Proxy {
             return self.unmatched(failure);
         }
         match table.route(request.uri().path()) {
-            Some(route) => route.serve(table.shed.as_ref(), request, peer).await,
+            Some(route) => {
+                let body_timeout = table.config.server.request_body_timeout;
+                let request = request.map(|body| ClientBody::new(body, body_timeout));
+                route.serve(table.shed.as_ref(), request, peer).await
+            }
             None => self.unmatched(Failure::NoRoute),
         }
     }

@@ -16,7 +16,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 use keel::bulkhead::Bulkhead;
 use keel::chaos::Chaos;
 use keel::circuit_breaker::CircuitBreaker;
@@ -31,6 +31,7 @@ use crate::config::{self, Condition, RateKey};
 use crate::h1::RequestBody;
 use crate::idempotency;
 use crate::metrics::RouteMetrics;
+use crate::stall::{ClientBody, ClientBodyError, Sending};
 use crate::store::Stores;
 use crate::upstream::{PooledBody, SendError, Upstream, Written};
 
@@ -147,6 +148,9 @@ pub(crate) enum Failure {
     Shed,
     /// The request's body could not be read.
     BadBody,
+    /// The request's body stalled: no byte within
+    /// `server.request_body_timeout`, or a timeout while keel waited for it.
+    RequestTimeout,
     /// A body too large for what the route must do with it (hash it for
     /// an idempotency key).
     TooLarge,
@@ -192,6 +196,7 @@ impl Failure {
                 "bad-request"
             }
             Failure::MethodNotAllowed => "method-not-allowed",
+            Failure::RequestTimeout => "request-timeout",
             Failure::TooLarge => "body-too-large",
             Failure::KeyMismatch => "idempotency-key-mismatch",
             Failure::InProgress(_) => "idempotency-in-progress",
@@ -223,6 +228,7 @@ impl Failure {
                 StatusCode::BAD_REQUEST
             }
             Failure::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Failure::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::KeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Failure::NoRoute => StatusCode::NOT_FOUND,
@@ -265,6 +271,9 @@ impl Failure {
                 format!("route \"{route}\": shed: the proxy is overloaded; the request did not run")
             }
             Failure::BadBody => format!("route \"{route}\": the request body could not be read"),
+            Failure::RequestTimeout => format!(
+                "route \"{route}\": the request body stalled (no byte within server.request_body_timeout, or the route's timeout passed while keel waited for it)"
+            ),
             Failure::TooLarge => format!(
                 "route \"{route}\": a request with an idempotency key may carry at most 1 MiB"
             ),
@@ -328,7 +337,7 @@ impl Failure {
                 HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             );
         }
-        if self == Failure::TooLarge {
+        if self == Failure::TooLarge || self == Failure::RequestTimeout {
             // The body was not read: the connection cannot carry another
             // request, and the client must not wait to reuse it.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -426,7 +435,8 @@ impl Conditions {
             | Failure::NoRoute
             | Failure::MethodNotAllowed
             | Failure::BadHost
-            | Failure::BadPath => false,
+            | Failure::BadPath
+            | Failure::RequestTimeout => false,
         }
     }
 }
@@ -515,6 +525,9 @@ pub(crate) struct Route {
     pub(crate) upstream: Arc<Upstream>,
     timeout: Timeout,
     per_try: Option<Timeout>,
+    /// The upstream's `read_timeout` for a response head, when it is
+    /// shorter than the route's own timeouts (else those end the wait).
+    head_timeout: Option<Duration>,
     retry: Option<(Retry, Conditions)>,
     pub(crate) breaker: Option<CircuitBreaker>,
     pub(crate) bulkhead: Option<Bulkhead>,
@@ -673,7 +686,12 @@ impl Route {
             }
             None => None,
         };
+        let read_timeout = upstream.config.read_timeout;
+        let per_try = config.retry.as_ref().and_then(|r| r.per_try_timeout);
+        let head_timeout = (read_timeout < per_try.unwrap_or(config.timeout).min(config.timeout))
+            .then_some(read_timeout);
         Ok(Route {
+            head_timeout,
             timeout: Timeout::named(name.clone(), config.timeout),
             per_try: config
                 .retry
@@ -733,7 +751,7 @@ impl Route {
     pub(crate) async fn serve(
         self: &Arc<Self>,
         shed: Option<&LoadShedder>,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         peer: &Peer,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
@@ -767,7 +785,7 @@ impl Route {
     async fn forward(
         self: &Arc<Self>,
         shed: Option<&LoadShedder>,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         peer: &Peer,
     ) -> Result<Response<ResponseBody>, Failure> {
         let (mut parts, body) = request.into_parts();
@@ -795,9 +813,11 @@ impl Route {
         if let (Some(once), Some(key)) = (&self.once, key) {
             return self.once(once, key, parts, body).await;
         }
+        let sending = body.sending();
         let response = self
             .proxied(parts, RequestBody::Streaming(body), idempotent)
-            .await?;
+            .await
+            .map_err(|f| blame(f, sending.as_deref()))?;
         Ok(relay(response))
     }
 
@@ -848,7 +868,7 @@ impl Route {
         once: &Once,
         key: HeaderValue,
         parts: Parts,
-        body: Incoming,
+        body: ClientBody,
     ) -> Result<Response<ResponseBody>, Failure> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         let key = match key.to_str() {
@@ -890,8 +910,7 @@ impl Route {
             .await
         {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => return Err(Failure::TooLarge),
-            Err(_) => return Err(Failure::BadBody),
+            Err(e) => return Err(unreadable(&*e)),
         };
         let fingerprint = idempotency::fingerprint(&parts.method, &parts.uri, &body);
         let claim = match once.executor.begin(&record, &fingerprint).await {
@@ -1037,7 +1056,7 @@ impl Route {
                 Replayable::No(body) => {
                     return self.attempt(&parts, RequestBody::Streaming(body)).await
                 }
-                Replayable::Unreadable => return Err(Failure::BadBody),
+                Replayable::Unreadable(failure) => return Err(failure),
             },
         };
         let classify = |result: &Result<Response<PooledBody>, Failure>| -> Verdict {
@@ -1083,16 +1102,24 @@ impl Route {
             ),
             None => None,
         };
+        let sending = match &body {
+            RequestBody::Streaming(b) => b.sending(),
+            RequestBody::Buffered(_) => None,
+        };
         let result = match &self.per_try {
-            Some(per_try) => per_try.call(|| self.send(parts, body)).await.map_err(lower),
+            Some(per_try) => per_try
+                .call(|| self.send(parts, body))
+                .await
+                .map_err(lower)
+                .map_err(|f| blame(f, sending.as_deref())),
             None => self.send(parts, body).await,
         };
         if let Some(permit) = permit {
             permit.record(match &result {
                 Ok(response) => outcome(response.status().is_server_error()),
-                // The client's body failed: nothing to hold against the
-                // dependency, nor to credit it with.
-                Err(Failure::BadBody) => Outcome::Ignore,
+                // The client's body failed or stalled: nothing to hold
+                // against the dependency, nor to credit it with.
+                Err(Failure::BadBody | Failure::RequestTimeout) => Outcome::Ignore,
                 Err(f) => outcome(f.is_upstream_failure()),
             });
         }
@@ -1114,18 +1141,25 @@ impl Route {
             }
         }
         let picked = self.upstream.pick().ok_or(Failure::Connect)?;
-        let result = self.upstream.send(picked.endpoint, parts, body).await;
+        let result = self
+            .upstream
+            .send(picked.endpoint, parts, body, self.head_timeout)
+            .await;
         match &result {
             Ok(response) => picked.done(response.status().is_server_error()),
-            // The client's body failed, or keel's own bound on
+            // The client's body failed or stalled, or keel's own bound on
             // connections held it back: outlier detection hears nothing.
-            Err(SendError::RequestBody | SendError::PoolFull) => drop(picked),
+            Err(SendError::RequestBody | SendError::RequestTimeout | SendError::PoolFull) => {
+                drop(picked)
+            }
             Err(_) => picked.done(true),
         }
         result.map_err(|e| match e {
             SendError::Connect | SendError::PoolFull => Failure::Connect,
             SendError::Reset => Failure::Reset,
+            SendError::Timeout => Failure::Timeout,
             SendError::RequestBody => Failure::BadBody,
+            SendError::RequestTimeout => Failure::RequestTimeout,
         })
     }
 }
@@ -1226,12 +1260,32 @@ async fn buffer(mut body: PooledBody, max: u64) -> Buffered {
 
 enum Replayable {
     Yes(Bytes),
-    No(Incoming),
-    Unreadable,
+    No(ClientBody),
+    Unreadable(Failure),
+}
+
+/// A timeout that cut a request while keel waited for its client's body
+/// is the client's: 408, not held against the upstream.
+fn blame(failure: Failure, sending: Option<&Sending>) -> Failure {
+    match failure {
+        Failure::Timeout if sending.is_some_and(Sending::held_by_client) => Failure::RequestTimeout,
+        other => other,
+    }
+}
+
+/// Why a body read whole failed: over the limit, stalled, or broken.
+fn unreadable(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Failure {
+    if e.is::<LengthLimitError>() {
+        Failure::TooLarge
+    } else if matches!(e.downcast_ref(), Some(ClientBodyError::Stalled)) {
+        Failure::RequestTimeout
+    } else {
+        Failure::BadBody
+    }
 }
 
 /// Buffers a small body so it can be sent again.
-async fn replayable(body: Incoming) -> Replayable {
+async fn replayable(body: ClientBody) -> Replayable {
     if body.is_end_stream() {
         return Replayable::Yes(Bytes::new());
     }
@@ -1244,7 +1298,11 @@ async fn replayable(body: Incoming) -> Replayable {
         .await
     {
         Ok(collected) => Replayable::Yes(collected.to_bytes()),
-        Err(_) => Replayable::Unreadable,
+        Err(e) => Replayable::Unreadable(match unreadable(&*e) {
+            // Within its announced size, so not too large: broken.
+            Failure::TooLarge => Failure::BadBody,
+            other => other,
+        }),
     }
 }
 

@@ -192,7 +192,8 @@ fn connection(
         return;
     };
     let _ = stream.set_nodelay(true);
-    let head_timeout = server.request_head_timeout;
+    let (head_timeout, response_timeout) =
+        (server.request_head_timeout, server.response_idle_timeout);
     let waiting = Waiting::new();
     let proxy = proxy.clone();
     let client = Arc::new(Peer::new(peer));
@@ -218,7 +219,7 @@ fn connection(
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         let _admitted = admitted;
-        match until_idle(connection, &waiting, head_timeout).await {
+        match until_idle(connection, &waiting, head_timeout, response_timeout).await {
             Some(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

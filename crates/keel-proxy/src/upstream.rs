@@ -23,7 +23,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use metrics::{Counter, Gauge};
 
 use crate::config::{self, FieldError};
-use crate::h1::{Conn, ExchangeError, Framing, RequestBody, Step};
+use crate::h1::{Conn, ExchangeError, Framing, Outgoing, RequestBody, Step};
+use crate::stall::{ClientBodyError, Stall};
 
 /// Why an attempt got no response from the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,10 @@ pub(crate) enum SendError {
     /// The client's request body failed or ended short: the upstream is
     /// not to blame.
     RequestBody,
+    /// The client's request body stalled past `server.request_body_timeout`.
+    RequestTimeout,
+    /// No response head within the upstream's `read_timeout`.
+    Timeout,
 }
 
 /// Counts, in a request's extensions, the attempts that had a connection
@@ -72,6 +77,8 @@ impl std::fmt::Debug for Upstream {
 
 /// One endpoint of an upstream.
 pub(crate) struct Endpoint {
+    /// Its place in its upstream's list.
+    index: usize,
     pub(crate) address: Arc<str>,
     authority: Authority,
     /// Its connections: the kept-alive ones ready for a request, and the
@@ -117,7 +124,9 @@ impl Upstream {
             .endpoints
             .iter()
             .zip(authorities)
-            .map(|(address, authority)| Endpoint {
+            .enumerate()
+            .map(|(index, (address, authority))| Endpoint {
+                index,
                 address: address.as_str().into(),
                 authority,
                 pool: Arc::new(Pool::new(config)),
@@ -228,11 +237,17 @@ impl Upstream {
     /// `endpoint` on a kept-alive connection, or a new one, and reads the
     /// response head. The URI goes out as its path and query (origin form:
     /// an absolute-form URI, meant for a forward proxy, is cut down to them).
+    ///
+    /// `head_timeout` bounds the wait for the response head (the caller
+    /// leaves it out when a timeout of its own ends sooner); the body's
+    /// bytes are each bounded by `read_timeout`, and a body cut short counts
+    /// against the endpoint in outlier detection.
     pub(crate) async fn send(
-        &self,
+        self: &Arc<Self>,
         endpoint: &Endpoint,
         parts: &http::request::Parts,
         body: RequestBody,
+        head_timeout: Option<std::time::Duration>,
     ) -> Result<http::Response<PooledBody>, SendError> {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut leased = self.connection(endpoint).await?;
@@ -240,20 +255,22 @@ impl Upstream {
         if let Some(written) = parts.extensions.get::<Written>() {
             written.0.fetch_add(1, Ordering::AcqRel);
         }
+        let request = Outgoing {
+            method: &parts.method,
+            target,
+            headers: &parts.headers,
+            host: endpoint.authority.as_str(),
+        };
         let head = conn
-            .exchange(
-                &parts.method,
-                target,
-                &parts.headers,
-                endpoint.authority.as_str(),
-                body,
-            )
+            .exchange(request, body, head_timeout)
             .await
             .map_err(|e| {
                 tracing::debug!(upstream = %self.name, endpoint = %endpoint.address, error = %e, "upstream exchange failed");
                 match e {
+                    ExchangeError::RequestBody(ClientBodyError::Stalled) => SendError::RequestTimeout,
                     ExchangeError::RequestBody(_) => SendError::RequestBody,
                     ExchangeError::Io(_) => SendError::Reset,
+                    ExchangeError::HeadTimeout => SendError::Timeout,
                 }
             })?;
         let mut response = http::Response::new(PooledBody {
@@ -262,6 +279,8 @@ impl Upstream {
             conn: Some(leased),
             keep_alive: head.keep_alive,
             pool: endpoint.pool.clone(),
+            stall: Stall::new(self.config.read_timeout),
+            from: Some((self.clone(), endpoint.index)),
         });
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
@@ -543,6 +562,10 @@ pub(crate) struct PooledBody {
     conn: Option<Leased>,
     keep_alive: bool,
     pool: Arc<Pool>,
+    /// The wait for the body's next bytes, up to `read_timeout`.
+    stall: Stall,
+    /// The upstream and endpoint it comes from, told if it fails.
+    from: Option<(Arc<Upstream>, usize)>,
 }
 
 impl PooledBody {
@@ -554,11 +577,23 @@ impl PooledBody {
     }
 
     fn release(&mut self) {
+        self.from = None;
         if let Some(leased) = self.conn.take() {
             if self.keep_alive && leased.conn.is_clean() {
                 self.pool.put(leased);
             }
         }
+    }
+
+    /// The body failed with `e`: the connection is closed and the endpoint
+    /// hears of it.
+    fn fail(&mut self, e: std::io::Error) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.conn = None;
+        if let Some((upstream, i)) = self.from.take() {
+            tracing::debug!(upstream = %upstream.name, endpoint = %upstream.endpoints[i].address, error = %e, "upstream response body failed");
+            upstream.record(&upstream.endpoints[i], true);
+        }
+        Poll::Ready(Some(Err(e)))
     }
 }
 
@@ -590,28 +625,29 @@ impl Body for PooledBody {
                     return Poll::Ready(None);
                 }
                 Ok(Step::More) => {}
-                Err(e) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => return this.fail(e),
             }
-            match std::task::ready!(conn.poll_fill(cx)) {
-                Ok(0) if this.framing == Framing::Close => {
+            match conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) if this.framing == Framing::Close => {
                     this.framing = Framing::Length(0);
                     this.conn = None;
+                    this.from = None;
                     return Poll::Ready(None);
                 }
-                Ok(0) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(std::io::Error::new(
+                Poll::Ready(Ok(0)) => {
+                    return this.fail(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "the upstream closed the connection before the body's end",
-                    ))));
+                    ));
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(e)));
+                Poll::Ready(Ok(_)) => this.stall.progress(),
+                Poll::Ready(Err(e)) => return this.fail(e),
+                Poll::Pending => {
+                    std::task::ready!(this.stall.poll_expired(cx));
+                    return this.fail(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no byte of the upstream's body within read_timeout",
+                    ));
                 }
             }
         }
@@ -653,7 +689,7 @@ async fn health_check(
         // Read to the end, so that the connection is kept for the next one.
         let check = async {
             let body = RequestBody::Buffered(Bytes::new());
-            let response = up.send(endpoint, &request, body).await.ok()?;
+            let response = up.send(endpoint, &request, body, None).await.ok()?;
             let ok = response.status().is_success();
             http_body_util::BodyExt::collect(response.into_body())
                 .await

@@ -400,3 +400,288 @@ async fn upstream_connections_never_exceed_max_connections_per_endpoint() {
     assert_eq!(held.await.unwrap(), 200);
     assert_eq!(stub.count(), 9);
 }
+
+/// A raw upstream: `serve(stream)` for each connection it accepts.
+async fn raw_upstream<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
+/// Reads a request head off `s` (and whatever came with it).
+async fn read_head(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    got
+}
+
+/// Reads what `s` sends until it closes (or resets), for at most `limit`.
+async fn read_to_close(s: &mut tokio::net::TcpStream, limit: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(|_| panic!("not closed within {limit:?}"));
+    out
+}
+
+const BREAKER_OF_ONE: &str = "[routes.circuit_breaker]\nconsecutive_failures = 1\n";
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_and_a_close_and_is_not_the_upstreams_fault() {
+    use tokio::io::AsyncWriteExt;
+    let stub = Stub::start().await;
+    let keel = Keel::start_with(
+        "request_body_timeout = \"1s\"",
+        &format!(
+            "{}{}",
+            upstream("web", &[stub.addr]),
+            route(
+                "web",
+                "/",
+                "web",
+                &format!("{BREAKER_OF_ONE}[routes.retry]\n")
+            )
+        ),
+    )
+    .await;
+    // Streamed (POST) and buffered for retries (PUT): 10 of 100 bytes,
+    // then nothing.
+    for method in ["POST", "PUT"] {
+        let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+        s.write_all(
+            format!("{method} /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let answer = String::from_utf8_lossy(&read_to_close(&mut s, Duration::from_secs(10)).await)
+            .into_owned();
+        assert_eq!(status(&answer), 408, "{method}: {answer}");
+        assert!(
+            answer.contains("x-keel-reason: request-timeout"),
+            "{answer}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(900));
+    }
+    // The breaker (one failure trips it) heard nothing.
+    let r = keel.get("/").await;
+    assert_eq!((r.status, r.reason()), (200, None));
+
+    // A body that trickles, a byte well within the timeout each time,
+    // goes through whole, however long it takes in all.
+    let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+    s.write_all(b"POST /trickle HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for piece in [
+        "3\r\nabc\r\n",
+        "3\r\ndef\r\n",
+        "3\r\nghi\r\n",
+        "3\r\njkl\r\n",
+        "0\r\n\r\n",
+    ] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(piece.as_bytes()).await.unwrap();
+    }
+    let answer =
+        String::from_utf8_lossy(&read_to_close(&mut s, Duration::from_secs(10)).await).into_owned();
+    assert_eq!(status(&answer), 200, "{answer}");
+    let hit = stub.hits().pop().unwrap();
+    assert_eq!(
+        (hit.path.as_str(), &hit.body[..]),
+        ("/trickle", &b"abcdefghijkl"[..])
+    );
+}
+
+#[tokio::test]
+async fn a_route_timeout_while_keel_waits_for_the_clients_body_is_the_clients() {
+    use tokio::io::AsyncWriteExt;
+    let stub = Stub::start().await;
+    let keel = Keel::start(&format!(
+        "{}{}",
+        upstream("web", &[stub.addr]),
+        route(
+            "web",
+            "/",
+            "web",
+            &format!("timeout = \"1s\"\n{BREAKER_OF_ONE}")
+        )
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let answer =
+        String::from_utf8_lossy(&read_to_close(&mut s, Duration::from_secs(10)).await).into_owned();
+    assert_eq!(status(&answer), 408, "{answer}");
+    let r = keel.get("/").await;
+    assert_eq!(
+        (r.status, r.reason()),
+        (200, None),
+        "the breaker did not trip"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_answers_early_and_closes_is_relayed_not_a_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // It reads the head, answers 413 at once and closes, with most of the
+    // body unread (its kernel then resets the connection).
+    let addr = raw_upstream(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+            .await;
+    })
+    .await;
+    let keel = Keel::start(&format!(
+        "[upstreams.web]\nendpoints = [\"{addr}\"]\noutlier_detection = {{ consecutive_failures = 0 }}\n{}",
+        route("web", "/", "web", BREAKER_OF_ONE)
+    ))
+    .await;
+    let body = vec![b'x'; 16 << 20];
+    for round in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(
+                format!(
+                    "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await?;
+            w.write_all(&body).await
+        };
+        let mut answer = Vec::new();
+        let receive = tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut answer));
+        let (_, received) = tokio::join!(send, receive);
+        received.expect("answered").unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(status(&answer), 413, "round {round}: {answer}");
+        assert!(answer.ends_with("too large"), "round {round}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_is_cut_at_its_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    // `/head`: never answers; else a head and 10 of 100 bytes, then
+    // nothing, holding the connection open.
+    let addr = raw_upstream(|mut s| async move {
+        let head = read_head(&mut s).await;
+        if !head.starts_with(b"GET /head ") {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                .await;
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let keel = Keel::start(&format!(
+        "[upstreams.web]\nendpoints = [\"{addr}\"]\nread_timeout = \"1s\"\noutlier_detection = {{ consecutive_failures = 0 }}\n{}",
+        route("web", "/", "web", "")
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let r = keel.get("/head").await;
+    assert_eq!((r.status, r.reason()), (504, Some("timeout")));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "well before the route's 15 s"
+    );
+
+    let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+    s.write_all(b"GET /body HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_to_close(&mut s, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status(&answer), 200, "{answer}");
+    assert!(answer.ends_with("0123456789"), "the body is cut: {answer}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let addr = raw_upstream(move |mut s| {
+        let closed = closed_tx.clone();
+        async move {
+            read_head(&mut s).await;
+            let _ = s
+                .write_all(
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 256 << 20).as_bytes(),
+                )
+                .await;
+            let block = vec![b'x'; 1 << 20];
+            for _ in 0..256 {
+                if s.write_all(&block).await.is_err() {
+                    break;
+                }
+            }
+            // Written whole, or cut: either way, wait for keel's close.
+            let mut rest = [0u8; 16];
+            while matches!(s.read(&mut rest).await, Ok(n) if n > 0) {}
+            let _ = closed.send(());
+        }
+    })
+    .await;
+    let keel = Keel::start_with(
+        "response_idle_timeout = \"1s\"",
+        &format!(
+            "[upstreams.web]\nendpoints = [\"{addr}\"]\n{}",
+            route("web", "/", "web", "")
+        ),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(keel.listen).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 1024];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    // The client reads no more: keel closes its connection, and the
+    // upstream's with it.
+    tokio::time::timeout(Duration::from_secs(20), closed.recv())
+        .await
+        .expect("the upstream connection is closed")
+        .unwrap();
+    let rest = read_to_close(&mut s, Duration::from_secs(20)).await;
+    assert!(
+        n + rest.len() < 256 << 20,
+        "the response was cut ({} bytes read)",
+        n + rest.len()
+    );
+}
