@@ -86,7 +86,6 @@ impl Waiting {
             .filter(|left| !left.is_zero())
             .map(|left| left.min(head).min(response))
     }
-
 }
 
 /// A request in flight on a connection; dropped when its response ends
@@ -163,10 +162,7 @@ pub(crate) struct Tracked<B> {
 
 impl<B> Tracked<B> {
     pub(crate) fn new(inner: B, in_flight: InFlight) -> Tracked<B> {
-        Tracked {
-            inner,
-            in_flight,
-        }
+        Tracked { inner, in_flight }
     }
 }
 
