@@ -1068,9 +1068,18 @@ pub(crate) fn fallback_headers(
     Ok(map)
 }
 
+/// The longest duration the timeouts take (a year): beyond, a deadline
+/// computed from now could overflow the clock.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn positive(err: &mut impl FnMut(String, String), path: String, d: Duration) {
     if d.is_zero() {
         err(path, "must be longer than zero".into());
+    } else if d > MAX_DURATION {
+        err(
+            path,
+            format!("must be at most {}", format_duration(MAX_DURATION)),
+        );
     }
 }
 

@@ -168,9 +168,10 @@ impl Conn {
     /// Sends the request (origin-form `target`, `host` when the request has
     /// none) and reads the response head, both at once: an upstream may
     /// answer before the request's body is all sent (a 413, a 401), and
-    /// close. Its answer is then the exchange's, and the rest of the body
-    /// is not sent (the connection is not reused: [`Head::keep_alive`] is
-    /// false). `head_timeout`, counted from the end of the request, bounds
+    /// close. An early refusal (4xx, 5xx) is then the exchange's answer,
+    /// and the rest of the body is not sent (the connection is not reused:
+    /// [`Head::keep_alive`] is false); an early success waits for the body
+    /// to be sent. `head_timeout`, counted from the end of the request, bounds
     /// the wait for the head.
     pub(crate) async fn exchange(
         &mut self,
@@ -185,7 +186,24 @@ impl Conn {
         let (mut send, mut receive) = (std::pin::pin!(send), std::pin::pin!(receive));
         let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
         let mut sent: Option<Result<(), ExchangeError>> = None;
+        let mut early: Option<Head> = None;
         std::future::poll_fn(|cx| {
+            if let Some(mut head) = early.take() {
+                return match send.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        early = Some(head);
+                        Poll::Pending
+                    }
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(head)),
+                    Poll::Ready(Err(ExchangeError::RequestBody(e))) => {
+                        Poll::Ready(Err(ExchangeError::RequestBody(e)))
+                    }
+                    Poll::Ready(Err(_)) => {
+                        head.keep_alive = false;
+                        Poll::Ready(Ok(head))
+                    }
+                };
+            }
             if sent.is_none() {
                 if let Poll::Ready(result) = send.as_mut().poll(cx) {
                     if let Err(ExchangeError::RequestBody(e)) = result {
@@ -201,6 +219,12 @@ impl Conn {
                 }
             }
             match receive.as_mut().poll(cx) {
+                Poll::Ready(Ok(head)) if sent.is_none() && head.status.as_u16() < 400 => {
+                    // An early answer that is not a refusal: the upstream
+                    // may still read the body (an echo), so the rest of it
+                    // goes out before the head goes on.
+                    early = Some(head);
+                }
                 Poll::Ready(Ok(mut head)) => {
                     if !matches!(sent, Some(Ok(()))) {
                         head.keep_alive = false;

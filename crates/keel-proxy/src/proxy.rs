@@ -233,7 +233,12 @@ fn admit(request: &mut Request<Incoming>, trust_priority: bool) -> Result<(), Fa
     }
     let hosts = request.headers().get_all(header::HOST).iter().count();
     if let Some(authority) = request.uri().authority() {
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| Failure::BadHost)?;
+        // Host and port only: userinfo is never sent on.
+        let host = match authority.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|_| Failure::BadHost)?;
         request.headers_mut().insert(header::HOST, host);
     } else if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
         return Err(Failure::BadHost);

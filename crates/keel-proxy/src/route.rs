@@ -130,6 +130,9 @@ impl Peer {
 pub(crate) enum Failure {
     /// No connection to an endpoint (or none in rotation).
     Connect,
+    /// Every connection to the endpoint (`max_connections`) stayed busy
+    /// for `connect_timeout`: keel's own bound, not the endpoint failing.
+    PoolFull,
     /// The connection failed before a response.
     Reset,
     /// The per-try or the total timeout.
@@ -184,7 +187,7 @@ impl Failure {
     /// The `x-keel-reason` of a response keel writes for this failure.
     pub(crate) fn reason(self) -> &'static str {
         match self {
-            Failure::Connect | Failure::Reset => "upstream-unavailable",
+            Failure::Connect | Failure::Reset | Failure::PoolFull => "upstream-unavailable",
             Failure::Timeout => "timeout",
             Failure::Status(_) => "upstream-error",
             Failure::Injected(_) => "fault-injected",
@@ -211,6 +214,7 @@ impl Failure {
     fn status(self) -> StatusCode {
         match self {
             Failure::Connect | Failure::Reset => StatusCode::BAD_GATEWAY,
+            Failure::PoolFull => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Status(s) | Failure::Injected(s) => {
                 StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
@@ -251,6 +255,9 @@ impl Failure {
             Failure::Reset => {
                 format!("route \"{route}\": the upstream connection failed before a response")
             }
+            Failure::PoolFull => format!(
+                "route \"{route}\": every connection to the endpoint (its upstream's max_connections) stayed busy for connect_timeout; the request did not run"
+            ),
             Failure::Timeout => format!("route \"{route}\": the upstream did not answer in time"),
             Failure::Status(s) => format!("route \"{route}\": the upstream answered {s}"),
             Failure::Injected(s) => format!(
@@ -436,7 +443,8 @@ impl Conditions {
             | Failure::MethodNotAllowed
             | Failure::BadHost
             | Failure::BadPath
-            | Failure::RequestTimeout => false,
+            | Failure::RequestTimeout
+            | Failure::PoolFull => false,
         }
     }
 }
@@ -1119,7 +1127,9 @@ impl Route {
                 Ok(response) => outcome(response.status().is_server_error()),
                 // The client's body failed or stalled: nothing to hold
                 // against the dependency, nor to credit it with.
-                Err(Failure::BadBody | Failure::RequestTimeout) => Outcome::Ignore,
+                Err(Failure::BadBody | Failure::RequestTimeout | Failure::PoolFull) => {
+                    Outcome::Ignore
+                }
                 Err(f) => outcome(f.is_upstream_failure()),
             });
         }
@@ -1141,10 +1151,21 @@ impl Route {
             }
         }
         let picked = self.upstream.pick().ok_or(Failure::Connect)?;
-        let result = self
+        let sending = match &body {
+            RequestBody::Streaming(b) => b.sending(),
+            RequestBody::Buffered(_) => None,
+        };
+        let mut result = self
             .upstream
             .send(picked.endpoint, parts, body, self.head_timeout)
             .await;
+        // An upstream that gave up on a client stalling mid-body (its own
+        // body timeout) is not to blame.
+        if matches!(result, Err(SendError::Reset | SendError::Timeout))
+            && sending.as_deref().is_some_and(Sending::held_by_client)
+        {
+            result = Err(SendError::RequestTimeout);
+        }
         match &result {
             Ok(response) => picked.done(response.status().is_server_error()),
             // The client's body failed or stalled, or keel's own bound on
@@ -1155,7 +1176,8 @@ impl Route {
             Err(_) => picked.done(true),
         }
         result.map_err(|e| match e {
-            SendError::Connect | SendError::PoolFull => Failure::Connect,
+            SendError::Connect => Failure::Connect,
+            SendError::PoolFull => Failure::PoolFull,
             SendError::Reset => Failure::Reset,
             SendError::Timeout => Failure::Timeout,
             SendError::RequestBody => Failure::BadBody,

@@ -26,6 +26,9 @@ use crate::config::{self, FieldError};
 use crate::h1::{Conn, ExchangeError, Framing, Outgoing, RequestBody, Step};
 use crate::stall::{ClientBodyError, Stall};
 
+/// The largest frame of bytes keel read ahead of a body it relays.
+const PREFIX_FRAME: usize = 16 * 1024;
+
 /// Why an attempt got no response from the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SendError {
@@ -320,14 +323,13 @@ impl Upstream {
             let freed = pool.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
-            pool.waiting.fetch_add(1, Ordering::SeqCst);
+            let _waiting = Waiter::new(&pool.waiting);
             let ready = pool.has_idle() || pool.has_room();
             let waited = if ready {
                 Ok(())
             } else {
                 tokio::time::timeout_at(deadline, freed).await
             };
-            pool.waiting.fetch_sub(1, Ordering::SeqCst);
             if waited.is_err() {
                 return Err(SendError::PoolFull);
             }
@@ -464,6 +466,23 @@ struct Open {
     count: AtomicU32,
     max: u32,
     freed: Arc<tokio::sync::Notify>,
+}
+
+/// A request counted as waiting for a connection while it lives (a wait
+/// cut short by a timeout uncounts itself too).
+struct Waiter<'a>(&'a AtomicU32);
+
+impl<'a> Waiter<'a> {
+    fn new(count: &'a AtomicU32) -> Waiter<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiter(count)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One open connection's place in the count.
@@ -606,8 +625,16 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
-        if let Some(read) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(read))));
+        if let Some(read) = this.prefix.as_mut() {
+            // In frames of the size a read gives, so that the client's
+            // progress is seen (server.response_idle_timeout) as it takes
+            // them.
+            let frame = if read.len() > PREFIX_FRAME {
+                read.split_to(PREFIX_FRAME)
+            } else {
+                this.prefix.take().unwrap_or_default()
+            };
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
         loop {
             let Some(Leased { conn, .. }) = this.conn.as_mut() else {
@@ -689,17 +716,21 @@ async fn health_check(
         // Read to the end, so that the connection is kept for the next one.
         let check = async {
             let body = RequestBody::Buffered(Bytes::new());
-            let response = up.send(endpoint, &request, body, None).await.ok()?;
+            let response = match up.send(endpoint, &request, body, None).await {
+                Ok(response) => response,
+                // Every connection busy with traffic: says nothing of health.
+                Err(SendError::PoolFull) => return None,
+                Err(_) => return Some(false),
+            };
             let ok = response.status().is_success();
-            http_body_util::BodyExt::collect(response.into_body())
-                .await
-                .ok()?;
-            Some(ok)
+            let read = http_body_util::BodyExt::collect(response.into_body()).await;
+            Some(ok && read.is_ok())
         };
-        let ok = matches!(
-            tokio::time::timeout(hc.timeout, check).await,
-            Ok(Some(true))
-        );
+        let ok = match tokio::time::timeout(hc.timeout, check).await {
+            Ok(Some(ok)) => ok,
+            Ok(None) => continue,
+            Err(_) => false,
+        };
         let was = endpoint.healthy.load(Ordering::Relaxed);
         if ok {
             passes += 1;

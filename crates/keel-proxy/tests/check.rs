@@ -339,6 +339,10 @@ fn values_the_data_plane_parses_are_checked_where_they_are_read() {
             "[upstreams.web]\nendpoints = [\"127.0.0.1:9001\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/r\"\nupstream = \"web\"\n[[routes]]\nname = \"s\"\npath_prefix = \"/r/\"\nupstream = \"web\"\n".to_owned(),
             "routes[1].path_prefix",
         ),
+        (
+            "[upstreams.web]\nendpoints = [\"127.0.0.1:9001\"]\nread_timeout = \"10000000000000000000s\"\n".to_owned(),
+            "upstreams.web.read_timeout",
+        ),
     ] {
         let text = format!("[server]\nlisten = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:9901\"\n{table}");
         let (ok, printed) = keel_check(&text);

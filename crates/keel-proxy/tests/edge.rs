@@ -55,7 +55,7 @@ async fn request_rules_host_methods_and_absolute_form() {
 
     // An absolute-form target's authority is the Host sent upstream,
     // whatever the Host header said.
-    let a = send(b"GET http://payments.test:8080/abs?q=1 HTTP/1.1\r\nhost: other.test\r\nconnection: close\r\n\r\n").await;
+    let a = send(b"GET http://user:pw@payments.test:8080/abs?q=1 HTTP/1.1\r\nhost: other.test\r\nconnection: close\r\n\r\n").await;
     assert_eq!(status(&a), 200, "{a}");
     let hit = stub.hits().pop().unwrap();
     assert_eq!(hit.path, "/abs?q=1");
@@ -396,7 +396,7 @@ async fn upstream_connections_never_exceed_max_connections_per_endpoint() {
     .await
     .unwrap();
     let r = keel.get("/").await;
-    assert_eq!((r.status, r.reason()), (502, Some("upstream-unavailable")));
+    assert_eq!((r.status, r.reason()), (503, Some("upstream-unavailable")));
     assert_eq!(held.await.unwrap(), 200);
     assert_eq!(stub.count(), 9);
 }
@@ -684,4 +684,46 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_upstream_connectio
         "the response was cut ({} bytes read)",
         n + rest.len()
     );
+}
+
+#[tokio::test]
+async fn an_upstream_that_answers_200_early_still_gets_the_whole_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An echo-like upstream: the head at once, then it reads the body and
+    // ends its answer with the count of bytes it got.
+    let addr = raw_upstream(|mut s| async move {
+        let got = read_head(&mut s).await;
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .split("content-length: ")
+            .nth(1)
+            .and_then(|v| v.split("\r\n").next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let mut read = got.len() - end;
+        let mut chunk = vec![0u8; 64 << 10];
+        while read < length {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+        let count = read.to_string();
+        let _ = s
+            .write_all(format!("{:x}\r\n{count}\r\n0\r\n\r\n", count.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let keel = Keel::start(&format!(
+        "[upstreams.web]\nendpoints = [\"{addr}\"]\n{}",
+        route("web", "/", "web", "")
+    ))
+    .await;
+    let body = "x".repeat(4 << 20);
+    let r = keel.request("POST", "/echo", &[], &body).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "4194304"));
 }
