@@ -8,7 +8,9 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -135,7 +137,10 @@ impl Table {
 /// The running proxy: the current table and the process's standing.
 #[derive(Debug)]
 pub(crate) struct Proxy {
-    table: RwLock<Arc<Table>>,
+    /// Read per request without a lock or a shared count: a load leaves
+    /// its mark in the reading thread's own slot (arc-swap), and a reload
+    /// swaps the pointer.
+    table: ArcSwap<Table>,
     pub(crate) metrics: Metrics,
     unmatched: RouteMetrics,
     /// The configuration is loaded and the listeners are bound.
@@ -147,7 +152,7 @@ pub(crate) struct Proxy {
 impl Proxy {
     pub(crate) fn new(table: Table, metrics: Metrics) -> Proxy {
         Proxy {
-            table: RwLock::new(Arc::new(table)),
+            table: ArcSwap::from_pointee(table),
             metrics,
             unmatched: RouteMetrics::new(UNMATCHED),
             started: AtomicBool::new(false),
@@ -157,7 +162,7 @@ impl Proxy {
 
     /// The table now serving.
     pub(crate) fn table(&self) -> Arc<Table> {
-        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.table.load_full()
     }
 
     /// Serves `config` from now on, keeping unchanged routes' state.
@@ -174,7 +179,7 @@ impl Proxy {
             kept,
             "configuration reloaded; unchanged routes keep their state"
         );
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.table.store(Arc::new(table));
         Ok(())
     }
 
@@ -184,18 +189,24 @@ impl Proxy {
         mut request: Request<Incoming>,
         peer: &Peer,
     ) -> Response<ResponseBody> {
-        let table = self.table();
-        if let Err(failure) = admit(&mut request, table.config.server.trust_priority_header) {
-            return self.unmatched(failure);
-        }
-        match table.route(request.uri().path()) {
-            Some(route) => {
-                let body_timeout = table.config.server.request_body_timeout;
-                let request = request.map(|body| ClientBody::new(body, body_timeout));
-                route.serve(table.shed.as_ref(), request, peer).await
+        // The table is held only while routing: what the request needs
+        // after is its route's (counted per route) and the shedder.
+        let (route, shed, body_timeout) = {
+            let table = self.table.load();
+            if let Err(failure) = admit(&mut request, table.config.server.trust_priority_header) {
+                return self.unmatched(failure);
             }
-            None => self.unmatched(Failure::NoRoute),
-        }
+            let Some(route) = table.route(request.uri().path()) else {
+                return self.unmatched(Failure::NoRoute);
+            };
+            (
+                route.clone(),
+                table.shed.clone(),
+                table.config.server.request_body_timeout,
+            )
+        };
+        let request = request.map(|body| ClientBody::new(body, body_timeout));
+        route.serve(shed.as_ref(), request, peer).await
     }
 
     /// A request answered before any route took it.
