@@ -44,13 +44,40 @@ const MAX_CHUNK_LINE: usize = 4096;
 const READ_SPACE: usize = 16 * 1024;
 /// Request bodies up to this size go out in the same write as the head.
 const INLINE_BODY: usize = 16 * 1024;
+/// A buffered request body up to this size is sent before its response is
+/// read, not beside it: with its head, well inside a socket's send buffer
+/// (16 KiB at least on Linux), so the write never waits for the upstream.
+const SMALL_REQUEST: usize = 4 * 1024;
 
 /// A request body on its way to an upstream: buffered (so it can be sent
-/// again) or streamed once.
+/// again) or streamed once. A streaming body is boxed: this is moved
+/// through every layer of a route's policies, by value, and most requests
+/// have no body at all.
 #[derive(Debug)]
 pub(crate) enum RequestBody {
     Buffered(Bytes),
-    Streaming(ClientBody),
+    Streaming(Box<ClientBody>),
+}
+
+impl RequestBody {
+    /// A client's body as it arrives: an empty one is buffered already.
+    pub(crate) fn from_client(body: ClientBody) -> RequestBody {
+        if body.is_end_stream() {
+            RequestBody::Buffered(Bytes::new())
+        } else {
+            RequestBody::Streaming(Box::new(body))
+        }
+    }
+
+    /// The body, when it is whole and small enough to go out with its head
+    /// in one write ([`Conn::exchange_small`]); else itself.
+    pub(crate) fn into_small(self) -> Result<Bytes, RequestBody> {
+        match self {
+            RequestBody::Buffered(bytes) if bytes.len() <= SMALL_REQUEST => Ok(bytes),
+            RequestBody::Streaming(b) if b.is_end_stream() => Ok(Bytes::new()),
+            other => Err(other),
+        }
+    }
 }
 
 /// How a response body is delimited, and how far it has been read.
@@ -165,6 +192,42 @@ impl Conn {
         self.read.is_empty()
     }
 
+    /// Sends a small request (see [`RequestBody::into_small`]) in one
+    /// write that the socket's buffer takes at once, so that nothing can
+    /// answer before it is sent, then reads the response head.
+    /// `head_timeout`, counted from the end of the request, bounds the wait
+    /// for the head. Its future is small: it is moved through every layer
+    /// of a route's policies.
+    pub(crate) async fn exchange_small(
+        &mut self,
+        request: Outgoing<'_>,
+        body: &Bytes,
+        head_timeout: Option<Duration>,
+    ) -> Result<Head, ExchangeError> {
+        encode_head(&mut self.write, request);
+        encode_buffered(&mut self.write, request.method, body);
+        let sent = self.io.write_all(&self.write).await;
+        let (mut reader, _) = self.io.split();
+        let receive = read_head(&mut reader, &mut self.read, request.method);
+        // `None`: no head within `head_timeout`.
+        let head = match head_timeout {
+            // Boxed: a timer is large, and most routes' own timeouts end
+            // sooner (then there is none).
+            Some(t) => Box::pin(tokio::time::timeout(t, receive)).await.ok(),
+            None => Some(receive.await),
+        };
+        match (sent, head) {
+            (Ok(()), Some(head)) => head.map_err(ExchangeError::Io),
+            (Ok(()), None) => Err(ExchangeError::HeadTimeout),
+            // A failed write still lets an answer already sent be read.
+            (Err(_), Some(Ok(mut head))) => {
+                head.keep_alive = false;
+                Ok(head)
+            }
+            (Err(write), _) => Err(write.into()),
+        }
+    }
+
     /// Sends the request (origin-form `target`, `host` when the request has
     /// none) and reads the response head, both at once: an upstream may
     /// answer before the request's body is all sent (a 413, a 401), and
@@ -172,7 +235,9 @@ impl Conn {
     /// and the rest of the body is not sent (the connection is not reused:
     /// [`Head::keep_alive`] is false); an early success waits for the body
     /// to be sent. `head_timeout`, counted from the end of the request, bounds
-    /// the wait for the head.
+    /// the wait for the head. Its future is large (the send and the receive
+    /// live side by side): callers box it, and send small requests with
+    /// [`Conn::exchange_small`].
     pub(crate) async fn exchange(
         &mut self,
         request: Outgoing<'_>,
@@ -275,12 +340,9 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) host: &'a str,
 }
 
-async fn write_request(
-    io: &mut WriteHalf<'_>,
-    w: &mut Vec<u8>,
-    request: Outgoing<'_>,
-    body: RequestBody,
-) -> Result<(), ExchangeError> {
+/// Writes the request head into `w` (after clearing it), up to the
+/// framing headers and the blank line, which depend on the body.
+fn encode_head(w: &mut Vec<u8>, request: Outgoing<'_>) {
     let Outgoing {
         method,
         target,
@@ -309,26 +371,37 @@ async fn write_request(
         w.extend_from_slice(host.as_bytes());
         w.extend_from_slice(b"\r\n");
     }
-    let body = match body {
-        RequestBody::Streaming(b) if b.is_end_stream() => RequestBody::Buffered(Bytes::new()),
-        other => other,
-    };
+}
+
+/// The framing of a buffered body and the end of the head, then the body
+/// itself when it is small enough to go in the head's write.
+fn encode_buffered(w: &mut Vec<u8>, method: &Method, bytes: &Bytes) {
+    if !bytes.is_empty() || expects_body(method) {
+        write_length(w, bytes.len() as u64);
+    }
+    w.extend_from_slice(b"\r\n");
+    if bytes.len() <= INLINE_BODY {
+        w.extend_from_slice(bytes);
+    }
+}
+
+async fn write_request(
+    io: &mut WriteHalf<'_>,
+    w: &mut Vec<u8>,
+    request: Outgoing<'_>,
+    body: RequestBody,
+) -> Result<(), ExchangeError> {
+    encode_head(w, request);
     match body {
         RequestBody::Buffered(bytes) => {
-            if !bytes.is_empty() || expects_body(method) {
-                write_length(w, bytes.len() as u64);
-            }
-            w.extend_from_slice(b"\r\n");
-            if bytes.len() <= INLINE_BODY {
-                w.extend_from_slice(&bytes);
-                io.write_all(w).await?;
-            } else {
-                io.write_all(w).await?;
+            encode_buffered(w, request.method, &bytes);
+            io.write_all(w).await?;
+            if bytes.len() > INLINE_BODY {
                 io.write_all(&bytes).await?;
             }
             Ok(())
         }
-        RequestBody::Streaming(body) => stream_body(io, w, body).await,
+        RequestBody::Streaming(body) => stream_body(io, w, *body).await,
     }
 }
 

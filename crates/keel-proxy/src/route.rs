@@ -823,7 +823,7 @@ impl Route {
         }
         let sending = body.sending();
         let response = self
-            .proxied(parts, RequestBody::Streaming(body), idempotent)
+            .proxied(parts, RequestBody::from_client(body), idempotent)
             .await
             .map_err(|f| blame(f, sending.as_deref()))?;
         Ok(relay(response))
@@ -1282,7 +1282,7 @@ async fn buffer(mut body: PooledBody, max: u64) -> Buffered {
 
 enum Replayable {
     Yes(Bytes),
-    No(ClientBody),
+    No(Box<ClientBody>),
     Unreadable(Failure),
 }
 
@@ -1307,7 +1307,7 @@ fn unreadable(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Failure {
 }
 
 /// Buffers a small body so it can be sent again.
-async fn replayable(body: ClientBody) -> Replayable {
+async fn replayable(body: Box<ClientBody>) -> Replayable {
     if body.is_end_stream() {
         return Replayable::Yes(Bytes::new());
     }
@@ -1315,7 +1315,7 @@ async fn replayable(body: ClientBody) -> Replayable {
         Some(n) if n <= MAX_REPLAYABLE_BODY => {}
         _ => return Replayable::No(body),
     }
-    match Limited::new(body, MAX_REPLAYABLE_BODY as usize)
+    match Limited::new(*body, MAX_REPLAYABLE_BODY as usize)
         .collect()
         .await
     {
@@ -1328,8 +1328,11 @@ async fn replayable(body: ClientBody) -> Replayable {
     }
 }
 
-/// Headers that belong to one connection, not to the message.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers never forwarded: those that belong to one connection, not to
+/// the message (`Connection` first), and keel's own `x-keel-priority`. A
+/// static, not a const: a const array of names is built and dropped at
+/// every use.
+static NOT_FORWARDED: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -1337,16 +1340,34 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    PRIORITY,
 ];
 
-/// Removes the hop-by-hop fields and those the `Connection` field names.
-/// One pass over the names finds which are there first: most messages
-/// carry none of them, or only `Connection`, and comparing a name costs
-/// less than looking one up.
+/// The index of `name` in [`NOT_FORWARDED`]: a match on the name's text,
+/// which the compiler turns into a switch on its length, where comparing
+/// with each of the eight would cost a call apiece.
+fn not_forwarded(name: &HeaderName) -> Option<u8> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "x-keel-priority" => 7,
+        _ => return None,
+    })
+}
+
+/// Removes the fields in [`NOT_FORWARDED`] and those the `Connection`
+/// field names. One pass over the names finds which are there first: most
+/// messages carry none of them, or only `Connection`, and comparing a name
+/// costs less than looking one up.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep: Option<&HeaderName>) {
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = not_forwarded(name) {
             present |= 1 << i;
         }
     }
@@ -1377,7 +1398,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep: Option<&HeaderName>) {
             headers.remove(name);
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+    for (i, name) in NOT_FORWARDED.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
@@ -1389,9 +1410,8 @@ fn prepare_request(parts: &mut Parts, peer: &Peer, keep: Option<&HeaderName>) {
     // server side's request extensions.
     parts.version = http::Version::HTTP_11;
     parts.extensions = http::Extensions::new();
+    // x-keel-priority with them: keel's own, never the upstream's business.
     strip_hop_by_hop(&mut parts.headers, keep);
-    // keel's own: never the upstream's business.
-    parts.headers.remove(PRIORITY);
     let earlier = parts
         .headers
         .get(&X_FORWARDED_FOR)

@@ -264,10 +264,11 @@ impl Upstream {
             headers: &parts.headers,
             host: endpoint.authority.as_str(),
         };
-        let head = conn
-            .exchange(request, body, head_timeout)
-            .await
-            .map_err(|e| {
+        let head = match body.into_small() {
+            Ok(body) => conn.exchange_small(request, &body, head_timeout).await,
+            Err(body) => Box::pin(conn.exchange(request, body, head_timeout)).await,
+        };
+        let head = head.map_err(|e| {
                 tracing::debug!(upstream = %self.name, endpoint = %endpoint.address, error = %e, "upstream exchange failed");
                 match e {
                     ExchangeError::RequestBody(ClientBodyError::Stalled) => SendError::RequestTimeout,
@@ -300,11 +301,12 @@ impl Upstream {
     /// within `connect_timeout`.
     async fn connection(&self, endpoint: &Endpoint) -> Result<Leased, SendError> {
         let pool = &endpoint.pool;
+        if let Some(leased) = pool.take() {
+            // The common case, without a clock read.
+            return Ok(leased);
+        }
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
         loop {
-            if let Some(leased) = pool.take() {
-                return Ok(leased);
-            }
             if let Some(slot) = pool.slot() {
                 let connect = tokio::net::TcpStream::connect(endpoint.address.as_ref());
                 let stream = match tokio::time::timeout_at(deadline, connect).await {
@@ -313,7 +315,7 @@ impl Upstream {
                 };
                 let _ = stream.set_nodelay(true);
                 return Ok(Leased {
-                    conn: Conn::new(stream),
+                    conn: Box::new(Conn::new(stream)),
                     _slot: slot,
                 });
             }
@@ -332,6 +334,9 @@ impl Upstream {
             };
             if waited.is_err() {
                 return Err(SendError::PoolFull);
+            }
+            if let Some(leased) = pool.take() {
+                return Ok(leased);
             }
         }
     }
@@ -443,9 +448,12 @@ impl Drop for Picked<'_> {
 }
 
 /// An upstream connection, counted against its endpoint's
-/// `max_connections` while it is open.
+/// `max_connections` while it is open. Its state is on the heap, allocated
+/// once per connection: what moves with each request (into and out of the
+/// pool, inside every response body and every policy's future) is two
+/// pointers, not the socket and its buffers.
 pub(crate) struct Leased {
-    pub(crate) conn: Conn,
+    pub(crate) conn: Box<Conn>,
     _slot: Slot,
 }
 
@@ -453,12 +461,18 @@ pub(crate) struct Leased {
 struct Pool {
     /// Kept-alive connections ready for a request and since when they are
     /// idle, the most recent last.
-    idle: std::sync::Mutex<Vec<(Leased, Instant)>>,
+    idle: std::sync::Mutex<Vec<(Leased, u32)>>,
+    /// The pool's clock, in seconds: advanced by [`Pool::close_idle`],
+    /// which the proxy's upkeep calls every second. Idle connections are
+    /// stamped with it, so that putting one back and taking one read no
+    /// clock.
+    ticks: AtomicU32,
+    /// `idle_timeout` in ticks, rounded up.
     open: Arc<Open>,
     /// Requests waiting for a connection to come free.
     waiting: AtomicU32,
     freed: Arc<tokio::sync::Notify>,
-    idle_timeout: std::time::Duration,
+    idle_ticks: u32,
 }
 
 /// The count of an endpoint's open connections.
@@ -508,24 +522,22 @@ impl Pool {
             }),
             waiting: AtomicU32::new(0),
             freed,
-            idle_timeout: config.idle_timeout,
+            ticks: AtomicU32::new(0),
+            idle_ticks: u32::try_from(config.idle_timeout.as_millis().div_ceil(1000))
+                .unwrap_or(u32::MAX),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Leased, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Leased, u32)>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The most recently used idle connection that is still open and was
-    /// idle less than `idle_timeout`.
+    /// The most recently used idle connection that is still open. One idle
+    /// past `idle_timeout` is closed by the next [`Pool::close_idle`],
+    /// within a second.
     fn take(&self) -> Option<Leased> {
         let mut idle = self.lock();
-        while let Some((leased, since)) = idle.pop() {
-            if since.elapsed() >= self.idle_timeout {
-                // The rest are older still.
-                idle.clear();
-                return None;
-            }
+        while let Some((leased, _)) = idle.pop() {
             if leased.conn.is_usable() {
                 return Some(leased);
             }
@@ -534,7 +546,8 @@ impl Pool {
     }
 
     fn put(&self, leased: Leased) {
-        self.lock().push((leased, Instant::now()));
+        let now = self.ticks.load(Ordering::Relaxed);
+        self.lock().push((leased, now));
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.freed.notify_one();
         }
@@ -559,11 +572,16 @@ impl Pool {
         self.open.count.load(Ordering::SeqCst) < self.open.max
     }
 
+    /// One tick of the pool's clock, then closes the connections idle past
+    /// `idle_timeout`. One stamped `since` has been idle more than
+    /// `now - since - 1` whole ticks, so it goes once that reaches
+    /// `idle_ticks`: never early, at most a tick late.
     fn close_idle(&self) {
+        let now = self.ticks.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         let mut idle = self.lock();
         let expired = idle
             .iter()
-            .take_while(|(_, since)| since.elapsed() >= self.idle_timeout)
+            .take_while(|(_, since)| now.wrapping_sub(*since).saturating_sub(1) >= self.idle_ticks)
             .count();
         idle.drain(..expired);
     }
